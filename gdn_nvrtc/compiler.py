@@ -1,0 +1,152 @@
+"""Render a kernel template for one spec and compile it to an sm_90a cubin with NVRTC.
+
+Used by build_cubins.py (prebuilt cubins) and by the runtime for shapes that have
+no prebuilt cubin. NVRTC is imported only when something is compiled, so a
+wheel with prebuilt cubins runs without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, THREADS_PER_BLOCK, KernelSpec
+
+TEMPLATE_NAME = "gdn_mtp.cu.j2"
+NVRTC_OPTIONS = (f"--gpu-architecture={ARCH}", "-std=c++17", "-lineinfo", "--ptxas-options=-v")
+
+
+def template_dir() -> Path:
+    """The templates shipped inside the wheel, or the repository's templates/ in a source tree."""
+    for candidate in (Path(__file__).parent / "templates", Path(__file__).parent.parent / "templates"):
+        if (candidate / TEMPLATE_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"{TEMPLATE_NAME} not found next to the gdn_nvrtc package or in the repository's templates/")
+
+
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template(TEMPLATE_NAME)
+
+
+def render(spec: KernelSpec) -> str:
+    return _template().render(
+        kernel_name=spec.name,
+        K=spec.head_dim_k,
+        V=spec.head_dim_v,
+        T=spec.num_tokens,
+        input_dtype=spec.input_dtype,
+        threads=THREADS_PER_BLOCK,
+        lanes_per_row=spec.lanes_per_row,
+        rows_per_thread=spec.rows_per_thread,
+        param_fields=PARAM_FIELDS,
+        flags=FLAGS,
+        scalar_codes=SCALAR_DTYPE_CODES,
+    )
+
+
+def source_sha256(spec: KernelSpec) -> str:
+    """Identifies what a cubin was compiled from: the rendered source and the NVRTC options."""
+    return hashlib.sha256("\n".join([render(spec), *NVRTC_OPTIONS]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    spec: KernelSpec
+    cubin: bytes
+    registers: int
+    spill_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    log: str
+
+    def manifest_entry(self) -> dict:
+        return {
+            "source_sha256": source_sha256(self.spec),
+            "registers": self.registers,
+            "spill_bytes": self.spill_bytes,
+            "stack_bytes": self.stack_bytes,
+            "shared_bytes": self.shared_bytes,
+        }
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as error:
+        raise CompileError(
+            "compiling a kernel needs NVRTC through cuda-bindings: "
+            "pip install cuda-bindings nvidia-cuda-nvrtc"
+        ) from error
+    return nvrtc
+
+
+def _check(nvrtc, result, what: str, log: str = "") -> None:
+    if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, message = nvrtc.nvrtcGetErrorString(result)
+        raise CompileError(f"NVRTC {what} failed: {message.decode()}\n{log}")
+
+
+@cache
+def nvrtc_version() -> str:
+    nvrtc = _nvrtc()
+    result, major, minor = nvrtc.nvrtcVersion()
+    _check(nvrtc, result, "nvrtcVersion")
+    return f"{major}.{minor}"
+
+
+def _ptxas_number(log: str, pattern: str) -> int:
+    match = re.search(pattern, log)
+    if match is None:
+        raise CompileError(f"ptxas report has no match for {pattern!r}:\n{log}")
+    return int(match.group(1))
+
+
+def compile_spec(spec: KernelSpec) -> CompiledKernel:
+    """Compile one spec; raises CompileError with NVRTC's log on failure."""
+    nvrtc = _nvrtc()
+    source = render(spec).encode()
+    result, program = nvrtc.nvrtcCreateProgram(source, f"{spec.name}.cu".encode(), 0, [], [])
+    _check(nvrtc, result, "nvrtcCreateProgram")
+    try:
+        options = [option.encode() for option in NVRTC_OPTIONS]
+        (compile_result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        result, size = nvrtc.nvrtcGetProgramLogSize(program)
+        _check(nvrtc, result, "nvrtcGetProgramLogSize")
+        log_buffer = b" " * size
+        (result,) = nvrtc.nvrtcGetProgramLog(program, log_buffer)
+        _check(nvrtc, result, "nvrtcGetProgramLog")
+        log = log_buffer.rstrip(b"\x00 ").decode(errors="replace")
+        _check(nvrtc, compile_result, f"compiling {spec.name}", log)
+        result, size = nvrtc.nvrtcGetCUBINSize(program)
+        _check(nvrtc, result, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (result,) = nvrtc.nvrtcGetCUBIN(program, cubin)
+        _check(nvrtc, result, "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return CompiledKernel(
+        spec=spec,
+        cubin=cubin,
+        registers=_ptxas_number(log, r"Used (\d+) registers"),
+        spill_bytes=_ptxas_number(log, r"(\d+) bytes spill stores") + _ptxas_number(log, r"(\d+) bytes spill loads"),
+        stack_bytes=_ptxas_number(log, r"(\d+) bytes stack frame"),
+        shared_bytes=_ptxas_number(log, r"(\d+) bytes smem") if "bytes smem" in log else 0,
+        log=log,
+    )

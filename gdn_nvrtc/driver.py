@@ -1,0 +1,104 @@
+"""The CUDA driver layer: load a spec's cubin once per process, launch it on a stream.
+
+Cubins are loaded as context-independent libraries (cuLibraryLoadData), so one
+load serves every GPU of the process. Kernels take one parameter struct by value.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from cuda.bindings import driver as cu
+
+from .cubins import load_cubin
+from .specs import KernelSpec
+
+# torch's default stream is the legacy NULL stream (handle 0). A kernel launched on
+# it runs in the calling thread's current context, which must be the tensor's device.
+_NULL_STREAM = 0
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed; the message names the call and the error."""
+
+
+def check(result: cu.CUresult, what: str) -> None:
+    if result != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(result)
+        _, text = cu.cuGetErrorString(result)
+        name = name.decode() if name else str(int(result))
+        text = text.decode() if text else "unknown error"
+        raise CudaError(f"{what} failed: {name}: {text}")
+
+
+_lock = threading.Lock()
+_kernels: dict[KernelSpec, cu.CUfunction] = {}
+_libraries: list[cu.CUlibrary] = []  # kept alive for the life of the process
+_contexts: dict[int, int] = {}
+_initialised = False
+
+
+def _init() -> None:
+    global _initialised
+    if not _initialised:
+        (result,) = cu.cuInit(0)
+        check(result, "cuInit")
+        _initialised = True
+
+
+def kernel(spec: KernelSpec) -> cu.CUfunction:
+    """The launchable handle for a spec, loading its cubin on first use (thread-safe)."""
+    function = _kernels.get(spec)
+    if function is None:
+        with _lock:
+            function = _kernels.get(spec)
+            if function is None:
+                _init()
+                cubin = load_cubin(spec)
+                result, library = cu.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)
+                check(result, f"loading the cubin of {spec.name} (cuLibraryLoadData)")
+                result, handle = cu.cuLibraryGetKernel(library, spec.name.encode())
+                check(result, f"finding kernel {spec.name} in its cubin (cuLibraryGetKernel)")
+                _libraries.append(library)
+                function = cu.CUfunction(int(handle))
+                _kernels[spec] = function
+    return function
+
+
+def _primary_context(device_index: int) -> int:
+    context = _contexts.get(device_index)
+    if context is None:
+        with _lock:
+            _init()
+            result, device = cu.cuDeviceGet(device_index)
+            check(result, f"cuDeviceGet({device_index})")
+            result, handle = cu.cuDevicePrimaryCtxRetain(device)
+            check(result, f"retaining the primary context of cuda:{device_index}")
+            context = _contexts[device_index] = int(handle)
+    return context
+
+
+def launch(
+    function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: bytes
+) -> None:
+    """Launch function(params) with a 1-D grid on the given stream handle of device_index."""
+    buffer = ctypes.create_string_buffer(params, len(params))
+    pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+    context = None
+    if stream == _NULL_STREAM:
+        context = _primary_context(device_index)
+        result, current = cu.cuCtxGetCurrent()
+        check(result, "cuCtxGetCurrent")
+        if int(current) == context:
+            context = None
+        else:
+            (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
+            check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
+    try:
+        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, ctypes.addressof(pointers), 0)
+        check(result, "cuLaunchKernel")
+    finally:
+        if context is not None:
+            (pop_result, _) = cu.cuCtxPopCurrent()
+            check(pop_result, "cuCtxPopCurrent")

@@ -1,0 +1,319 @@
+"""gated_delta_rule_mtp: validation, dispatch to a kernel spec, launch.
+
+For batch row b, token t and value head hv (q/k head h = hv // (HV // H)), in fp32:
+
+    x     = a[b,t,hv] + dt_bias[hv]
+    alpha = exp(-exp(A_log[hv]) * softplus(x))        softplus(x) = x for x > 20
+    beta  = sigmoid(b[b,t,hv])
+    q_t   = q[b,t,h] * rsqrt(sum(q^2) + 1e-6) * scale  (only * scale without l2norm)
+    k_t   = k[b,t,h] * rsqrt(sum(k^2) + 1e-6)          (unchanged without l2norm)
+    S     = alpha * S                                  S: [V, K], from pool[read slot]
+    u     = beta * (v[b,t,hv] - S @ k_t)
+    S     = S + outer(u, k_t)
+    o[b,t,hv] = S @ q_t                                stored in q's dtype
+
+The state after token t is what the intermediate buffer or the per-token scatter stores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import warnings
+from functools import cache
+
+import torch
+
+from . import driver
+from .specs import (
+    FLAGS,
+    MAX_TOKENS,
+    PARAM_FIELDS,
+    PARAM_STRUCT_FORMAT,
+    SCALAR_DTYPE_CODES,
+    SUPPORTED_HEAD_DIMS,
+    THREADS_PER_BLOCK,
+    KernelSpec,
+)
+
+INPUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+STATE_DTYPES = {torch.float32: "fp32"}
+INDEX_DTYPES = (torch.int32, torch.int64)
+_SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODES.items()}
+_PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
+_PARAM_NAMES = tuple(name for name, _ in PARAM_FIELDS)
+_MAX_GRID = 2**31 - 1
+
+_check_indices = os.environ.get("GDN_NVRTC_CHECK_INDICES", "0") not in ("", "0")
+_warned_default_update = False
+
+
+def set_index_checking(enabled: bool) -> None:
+    """Opt-in checking of index values (also GDN_NVRTC_CHECK_INDICES=1).
+
+    When on, every call copies a summary of the index tensors to the host and raises
+    IndexError for an entry >= pool_size, naming the argument, the row and the value.
+    That costs a host-device synchronisation per call and cannot run inside CUDA-graph
+    capture. When off (the default), such rows are treated as padding on the GPU.
+    """
+    global _check_indices
+    _check_indices = bool(enabled)
+
+
+def index_checking() -> bool:
+    return _check_indices
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _need_tensor(name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {_dims(x.shape)}")
+    return x
+
+
+def _need_dtype(name: str, x: torch.Tensor, allowed) -> None:
+    if x.dtype not in allowed:
+        names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}, got {str(x.dtype).removeprefix('torch.')}")
+
+
+def _need_shape(name: str, x: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {meaning} = {_dims(expected)}, got {_dims(x.shape)}")
+
+
+def _need_unit_last_stride(name: str, x: torch.Tensor) -> None:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have stride 1 along its last axis, got strides {_dims(x.stride())}")
+
+
+def _need_indices(name: str, x, shape: tuple, meaning: str) -> torch.Tensor:
+    _need_tensor(name, x, len(shape))
+    _need_dtype(name, x, INDEX_DTYPES)
+    _need_shape(name, x, shape, meaning)
+    return x
+
+
+@cache
+def _check_device(index: int) -> None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) != (9, 0):
+        raise RuntimeError(
+            f"gdn_nvrtc ships sm_90a kernels and needs a Hopper GPU (compute capability 9.0); "
+            f"cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability {major}.{minor}"
+        )
+
+
+def _report_bad_index(name: str, indices: torch.Tensor, pool_size: int) -> None:
+    bad = (indices >= pool_size).nonzero()
+    if bad.shape[0]:
+        where = tuple(bad[0].tolist())
+        value = int(indices[where])
+        row = where[0] if len(where) == 1 else list(where)
+        raise IndexError(f"{name}[{row}] = {value} is out of range for a state pool of {pool_size} slots")
+
+
+def gated_delta_rule_mtp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: torch.Tensor,
+    initial_state_indices: torch.Tensor,
+    A_log: torch.Tensor,
+    a: torch.Tensor,
+    dt_bias: torch.Tensor,
+    b: torch.Tensor,
+    scale: float | None = None,
+    output: torch.Tensor | None = None,
+    intermediate_states_buffer: torch.Tensor | None = None,
+    ssm_state_indices: torch.Tensor | None = None,
+    disable_state_update: bool | None = None,
+    use_qk_l2norm: bool = True,
+    output_state_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused Gated DeltaNet verify step over T draft tokens; returns (output, initial_state).
+
+    See the module docstring for the math and ../README.md for every argument. Raises
+    TypeError / ValueError / RuntimeError before anything is launched or written.
+    """
+    global _warned_default_update
+
+    _need_tensor("q", q, 4)
+    _need_dtype("q", q, INPUT_DTYPES)
+    B, T, H, K = q.shape
+    if K not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q's last dimension K must be one of {SUPPORTED_HEAD_DIMS}, got {K}")
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"q's token dimension T must be in 1..{MAX_TOKENS}, got {T}")
+    if H < 1:
+        raise ValueError(f"q must have at least one head, got shape {_dims(q.shape)}")
+    _need_tensor("k", k, 4)
+    _need_dtype("k", k, (q.dtype,))
+    _need_shape("k", k, (B, T, H, K), "[B, T, H, K] (as q)")
+    _need_tensor("v", v, 4)
+    _need_dtype("v", v, (q.dtype,))
+    HV, V = v.shape[2], v.shape[3]
+    _need_shape("v", v, (B, T, HV, V), "[B, T, HV, V] with B, T from q")
+    if V not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"v's last dimension V must be one of {SUPPORTED_HEAD_DIMS}, got {V}")
+    if HV < H or HV % H:
+        raise ValueError(f"the value heads HV (v.shape[2] = {HV}) must be a multiple of the q/k heads H = {H}")
+    for name, gate in (("a", a), ("b", b)):
+        _need_tensor(name, gate, 3)
+        _need_dtype(name, gate, (q.dtype, torch.float32))
+        _need_shape(name, gate, (B, T, HV), "[B, T, HV]")
+    _need_tensor("A_log", A_log, 1)
+    _need_dtype("A_log", A_log, (torch.float32,))
+    _need_shape("A_log", A_log, (HV,), "[HV]")
+    _need_tensor("dt_bias", dt_bias, 1)
+    _need_dtype("dt_bias", dt_bias, (torch.float32, torch.bfloat16, torch.float16))
+    _need_shape("dt_bias", dt_bias, (HV,), "[HV]")
+
+    pool = _need_tensor("initial_state", initial_state, 4)
+    _need_dtype("initial_state", pool, STATE_DTYPES)
+    pool_size = pool.shape[0]
+    _need_shape("initial_state", pool, (pool_size, HV, V, K), "[pool_size, HV, V, K]")
+    if pool.stride(3) != 1:
+        raise ValueError(f"initial_state must have stride 1 along K, got strides {_dims(pool.stride())}")
+    if pool.data_ptr() % 16 or any(s % 4 for s in pool.stride()[:3]):
+        raise ValueError(
+            "initial_state must be 16-byte aligned, with pool/HV/V strides that are multiples of 4 elements; "
+            f"got address {pool.data_ptr():#x} and strides {_dims(pool.stride())}"
+        )
+    read_slots = _need_indices("initial_state_indices", initial_state_indices, (B,), "[B]")
+    write_slots = output_state_indices
+    if write_slots is not None:
+        _need_indices("output_state_indices", write_slots, (B,), "[B]")
+    buffer = intermediate_states_buffer
+    if buffer is not None:
+        _need_tensor("intermediate_states_buffer", buffer, 5)
+        _need_dtype("intermediate_states_buffer", buffer, (pool.dtype,))
+        if buffer.shape[0] < B or buffer.shape[1] < T or tuple(buffer.shape[2:]) != (HV, V, K):
+            raise ValueError(
+                "intermediate_states_buffer must have shape [>=B, >=T, HV, V, K] = "
+                f"[>={B}, >={T}, {HV}, {V}, {K}], got {_dims(buffer.shape)}"
+            )
+        if not buffer.is_contiguous():
+            raise ValueError(
+                f"intermediate_states_buffer must be contiguous, got strides {_dims(buffer.stride())}"
+            )
+        if buffer.data_ptr() % 16:
+            raise ValueError(f"intermediate_states_buffer must be 16-byte aligned, got address {buffer.data_ptr():#x}")
+    scatter_slots = ssm_state_indices
+    if scatter_slots is not None:
+        _need_indices("ssm_state_indices", scatter_slots, (B, T), "[B, T]")
+    if output is not None:
+        _need_tensor("output", output, 4)
+        _need_dtype("output", output, (q.dtype,))
+        _need_shape("output", output, (B, T, HV, V), "[B, T, HV, V]")
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("output", output)):
+        if x is not None:
+            _need_unit_last_stride(name, x)
+    if scale is None:
+        scale = 1.0 / math.sqrt(K)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if disable_state_update is not None and not isinstance(disable_state_update, bool):
+        raise TypeError(f"disable_state_update must be True, False or None, got {disable_state_update!r}")
+    if not isinstance(use_qk_l2norm, bool):
+        raise TypeError(f"use_qk_l2norm must be True or False, got {use_qk_l2norm!r}")
+    if buffer is not None and scatter_slots is not None:
+        raise ValueError("intermediate_states_buffer and ssm_state_indices are mutually exclusive; pass one")
+    if scatter_slots is not None and disable_state_update is not False:
+        raise ValueError(
+            f"ssm_state_indices writes states into the pool and needs disable_state_update=False, "
+            f"got disable_state_update={disable_state_update}"
+        )
+
+    device = q.device
+    for name, x in (
+        ("k", k), ("v", v), ("a", a), ("b", b), ("A_log", A_log), ("dt_bias", dt_bias),
+        ("initial_state", pool), ("initial_state_indices", read_slots),
+        ("output_state_indices", write_slots), ("intermediate_states_buffer", buffer),
+        ("ssm_state_indices", scatter_slots), ("output", output),
+    ):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but q is on {device}; all tensors must be on one device")
+    if device.type != "cuda":
+        raise ValueError(f"the tensors must be on a CUDA device, got {device}")
+    _check_device(device.index)
+
+    spec = KernelSpec(K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype])
+    grid = B * HV * spec.tiles_per_head
+    if grid > _MAX_GRID:
+        raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
+
+    if disable_state_update is None:
+        if not _warned_default_update:
+            warnings.warn(
+                "gated_delta_rule_mtp: disable_state_update=None currently means True (the pool is not "
+                "updated); the default will become False. Pass it explicitly to silence this warning.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            _warned_default_update = True
+        disable_state_update = True
+
+    if _check_indices:
+        for name, x in (
+            ("initial_state_indices", read_slots),
+            ("output_state_indices", write_slots),
+            ("ssm_state_indices", scatter_slots),
+        ):
+            if x is not None:
+                _report_bad_index(name, x, pool_size)
+
+    flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
+    if output is None:
+        output = torch.empty((B, T, HV, V), dtype=q.dtype, device=device)
+        flags |= FLAGS["ZERO_PADDED_OUTPUT"]
+    if B == 0:
+        return output, initial_state
+    if not disable_state_update and scatter_slots is None:
+        flags |= FLAGS["WRITE_FINAL"]
+    if buffer is not None:
+        flags |= FLAGS["WRITE_BUFFER"]
+    if scatter_slots is not None:
+        flags |= FLAGS["WRITE_SCATTER"]
+    if write_slots is not None:
+        flags |= FLAGS["HAS_WRITE_SLOTS"]
+
+    values = {
+        "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "a": a.data_ptr(), "b": b.data_ptr(),
+        "A_log": A_log.data_ptr(), "dt_bias": dt_bias.data_ptr(), "pool": pool.data_ptr(),
+        "read_slots": read_slots.data_ptr(),
+        "write_slots": 0 if write_slots is None else write_slots.data_ptr(),
+        "scatter_slots": 0 if scatter_slots is None else scatter_slots.data_ptr(),
+        "buffer": 0 if buffer is None else buffer.data_ptr(),
+        "out": output.data_ptr(),
+        "B": B, "H": H, "HV": HV, "pool_size": pool_size,
+        "q_sb": q.stride(0), "q_st": q.stride(1), "q_sh": q.stride(2),
+        "k_sb": k.stride(0), "k_st": k.stride(1), "k_sh": k.stride(2),
+        "v_sb": v.stride(0), "v_st": v.stride(1), "v_sh": v.stride(2),
+        "a_sb": a.stride(0), "a_st": a.stride(1), "b_sb": b.stride(0), "b_st": b.stride(1),
+        "o_sb": output.stride(0), "o_st": output.stride(1), "o_sh": output.stride(2),
+        "pool_s0": pool.stride(0), "pool_s1": pool.stride(1), "pool_s2": pool.stride(2),
+        "buf_sb": 0 if buffer is None else buffer.stride(0),
+        "buf_st": 0 if buffer is None else buffer.stride(1),
+        "read_s": read_slots.stride(0),
+        "write_s": 0 if write_slots is None else write_slots.stride(0),
+        "scatter_sb": 0 if scatter_slots is None else scatter_slots.stride(0),
+        "scatter_st": 0 if scatter_slots is None else scatter_slots.stride(1),
+        "read_is64": read_slots.dtype == torch.int64,
+        "write_is64": write_slots is not None and write_slots.dtype == torch.int64,
+        "scatter_is64": scatter_slots is not None and scatter_slots.dtype == torch.int64,
+        "a_dtype": _SCALAR_DTYPES[a.dtype], "b_dtype": _SCALAR_DTYPES[b.dtype],
+        "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
+        "flags": flags, "scale": float(scale),
+    }
+    params = _PARAMS.pack(*[values[name] for name in _PARAM_NAMES])
+    stream = torch.cuda.current_stream(device).cuda_stream
+    driver.launch(driver.kernel(spec), grid, THREADS_PER_BLOCK, stream, device.index, params)
+    return output, initial_state

@@ -1,0 +1,128 @@
+"""The compile-time key of a kernel, the prebuilt list, and the kernel's parameter ABI.
+
+Compile-time (one cubin per value, because they size register arrays or unroll loops):
+  - K and V, the head dimensions: each thread keeps its slice of the [V, K] state
+    tile in registers, so the slice length must be a constant;
+  - T, the number of draft tokens: the token loop is fully unrolled so the state
+    never leaves registers between tokens;
+  - the dtype of q/k/v/output and of the state pool: they set the width of the
+    vector loads and the conversion instructions on the hot path.
+
+Run-time (kernel parameters, so one cubin serves them all): B, H, HV, the pool
+size, every pointer and stride, the dtypes of a/b/dt_bias and of the index
+tensors (read once per block, so a branch costs nothing), scale, and the mode
+flags (l2norm, final write-back, intermediate buffer, per-token scatter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_NAMES = ("bf16", "fp16")
+STATE_DTYPE_NAMES = ("fp32",)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_TOKENS = 16
+ARCH = "sm_90a"
+
+PREBUILT_HEAD_DIM = 128
+PREBUILT_TOKENS = tuple(range(1, 9))
+
+THREADS_PER_BLOCK = 128
+STATE_ELEMS_PER_LANE = 32  # fp32 state values a thread holds per V-row
+ROWS_PER_THREAD = 1
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything a cubin is specialised on; its name is the kernel's symbol."""
+
+    head_dim_k: int
+    head_dim_v: int
+    num_tokens: int
+    input_dtype: str
+    state_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.head_dim_k not in SUPPORTED_HEAD_DIMS or self.head_dim_v not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"K and V must each be one of {SUPPORTED_HEAD_DIMS}, got K={self.head_dim_k}, V={self.head_dim_v}"
+            )
+        if not 1 <= self.num_tokens <= MAX_TOKENS:
+            raise ValueError(f"T must be in 1..{MAX_TOKENS}, got {self.num_tokens}")
+        if self.input_dtype not in DTYPE_NAMES:
+            raise ValueError(f"input dtype must be one of {DTYPE_NAMES}, got {self.input_dtype!r}")
+        if self.state_dtype not in STATE_DTYPE_NAMES:
+            raise ValueError(f"state dtype must be one of {STATE_DTYPE_NAMES}, got {self.state_dtype!r}")
+
+    @property
+    def name(self) -> str:
+        return (
+            f"gdn_mtp_k{self.head_dim_k}_v{self.head_dim_v}_t{self.num_tokens}"
+            f"_{self.input_dtype}_{self.state_dtype}"
+        )
+
+    @classmethod
+    def from_name(cls, name: str) -> KernelSpec:
+        parts = name.split("_")
+        if len(parts) != 7 or parts[:2] != ["gdn", "mtp"]:
+            raise ValueError(f"not a kernel name: {name!r}")
+        return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6])
+
+    @property
+    def lanes_per_row(self) -> int:
+        """Threads that share one V-row of the state (each holds K / lanes values)."""
+        return self.head_dim_k // STATE_ELEMS_PER_LANE
+
+    @property
+    def rows_per_thread(self) -> int:
+        """Independent V-rows each thread updates (more rows: more work in flight)."""
+        return ROWS_PER_THREAD
+
+    @property
+    def rows_per_block(self) -> int:
+        return THREADS_PER_BLOCK // self.lanes_per_row * self.rows_per_thread
+
+    @property
+    def tiles_per_head(self) -> int:
+        return self.head_dim_v // self.rows_per_block
+
+
+PREBUILT_SPECS = tuple(
+    KernelSpec(PREBUILT_HEAD_DIM, PREBUILT_HEAD_DIM, t, dtype)
+    for dtype in DTYPE_NAMES
+    for t in PREBUILT_TOKENS
+)
+
+# Codes for the dtypes chosen at run time (a, b, dt_bias).
+SCALAR_DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+# Mode flags, one bit each; the template reads the same table.
+FLAGS = {
+    "L2NORM": 1,
+    "WRITE_FINAL": 2,
+    "WRITE_BUFFER": 4,
+    "WRITE_SCATTER": 8,
+    "HAS_WRITE_SLOTS": 16,
+    "ZERO_PADDED_OUTPUT": 32,
+}
+
+# The kernel takes one struct by value. Every field is 8 bytes ("ptr", "i64" or
+# "f64"), so the C layout has no padding and Python packs it with one format.
+PARAM_FIELDS = (
+    ("q", "ptr"), ("k", "ptr"), ("v", "ptr"), ("a", "ptr"), ("b", "ptr"),
+    ("A_log", "ptr"), ("dt_bias", "ptr"), ("pool", "ptr"), ("read_slots", "ptr"),
+    ("write_slots", "ptr"), ("scatter_slots", "ptr"), ("buffer", "ptr"), ("out", "ptr"),
+    ("B", "i64"), ("H", "i64"), ("HV", "i64"), ("pool_size", "i64"),
+    ("q_sb", "i64"), ("q_st", "i64"), ("q_sh", "i64"),
+    ("k_sb", "i64"), ("k_st", "i64"), ("k_sh", "i64"),
+    ("v_sb", "i64"), ("v_st", "i64"), ("v_sh", "i64"),
+    ("a_sb", "i64"), ("a_st", "i64"), ("b_sb", "i64"), ("b_st", "i64"),
+    ("o_sb", "i64"), ("o_st", "i64"), ("o_sh", "i64"),
+    ("pool_s0", "i64"), ("pool_s1", "i64"), ("pool_s2", "i64"),
+    ("buf_sb", "i64"), ("buf_st", "i64"),
+    ("read_s", "i64"), ("write_s", "i64"), ("scatter_sb", "i64"), ("scatter_st", "i64"),
+    ("read_is64", "i64"), ("write_is64", "i64"), ("scatter_is64", "i64"),
+    ("a_dtype", "i64"), ("b_dtype", "i64"), ("dt_bias_dtype", "i64"),
+    ("flags", "i64"), ("scale", "f64"),
+)
+PARAM_STRUCT_FORMAT = "<" + "".join({"ptr": "Q", "i64": "q", "f64": "d"}[kind] for _, kind in PARAM_FIELDS)

@@ -1,0 +1,240 @@
+"""gated_delta_rule_mtp on the GPU against the float64 reference, in every mode."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import check_call, rel_error, same_bits
+
+from gdn_nvrtc import gated_delta_rule_mtp
+from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
+from gdn_nvrtc.specs import PREBUILT_HEAD_DIM, PREBUILT_TOKENS
+
+pytestmark = pytest.mark.gpu
+
+HEADS = [(16, 32), (16, 64), (4, 8), (2, 8), (8, 8)]
+MODES = ["update", "no_update", "buffer", "buffer_longer", "scatter"]
+FALLBACK_T = 11
+FALLBACK_KV = [(64, 256), (256, 64)]
+
+
+def nan_like(shape, dtype, device="cuda"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def mode_kwargs(mode: str, inputs: dict, generator: torch.Generator) -> dict:
+    B, T = inputs["q"].shape[:2]
+    _, HV, V, K = inputs["initial_state"].shape
+    pool_size = inputs["initial_state"].shape[0]
+    if mode == "update":
+        return {"disable_state_update": False}
+    if mode == "no_update":
+        return {"disable_state_update": True}
+    if mode in ("buffer", "buffer_longer"):
+        steps = T if mode == "buffer" else T + 2
+        return {"disable_state_update": True, "intermediate_states_buffer": nan_like((B + 1, steps, HV, V, K), torch.float32)}
+    if mode == "scatter":
+        # Every (row, token) gets its own slot, disjoint from the read slots; some are skipped (-1).
+        read = set(inputs["initial_state_indices"].tolist())
+        free = [s for s in torch.randperm(pool_size, generator=generator).tolist() if s not in read][: B * T]
+        scatter = torch.tensor(free + [-1] * (B * T - len(free)), dtype=torch.int32).view(B, T)
+        if B * T > 1:
+            scatter[0, -1] = -1
+        return {"disable_state_update": False, "ssm_state_indices": scatter.cuda()}
+    raise AssertionError(mode)
+
+
+def fuzz_cases(count: int = 48, seed: int = 1234):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        B = rng.choice([0, 1, 3, 7, 33, 40])
+        T = rng.choice(PREBUILT_TOKENS)
+        K = V = PREBUILT_HEAD_DIM
+        if i % 12 == 5:
+            T = FALLBACK_T
+        if i % 12 == 9:
+            K, V = FALLBACK_KV[(i // 12) % 2]
+            T = 3
+        H, HV = rng.choice(HEADS)
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        gate_dtype = rng.choice([dtype, torch.float32])
+        dt_bias_dtype = rng.choice([torch.float32, torch.bfloat16, dtype])
+        mode = MODES[i % len(MODES)]
+        cases.append((B, T, H, HV, K, V, dtype, gate_dtype, dt_bias_dtype, mode))
+    return cases
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,dtype,gate_dtype,dt_bias_dtype,mode", fuzz_cases())
+def test_fuzz(B, T, H, HV, K, V, dtype, gate_dtype, dt_bias_dtype, mode):
+    generator = torch.Generator().manual_seed(hash((B, T, H, HV, K, V, str(dtype), mode)) % 2**31)
+    inputs = make_inputs(
+        B, T, H, HV, K, V, dtype=dtype, gate_dtype=gate_dtype, dt_bias_dtype=dt_bias_dtype,
+        pool_size=B * (T + 2) + 2, generator=generator,
+    )
+    if B > 2:  # a padded row in the middle
+        inputs["initial_state_indices"][B // 2] = -1
+    kwargs = mode_kwargs(mode, inputs, generator)
+    kwargs["output"] = nan_like((B, T, HV, V), dtype)
+    check_call(inputs, **kwargs)
+
+
+@pytest.mark.parametrize("T", PREBUILT_TOKENS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_prebuilt_spec_allocated_output(T, dtype):
+    inputs = make_inputs(5, T, 4, 8, dtype=dtype, pool_size=12)
+    inputs["initial_state_indices"][1] = -3
+    check_call(inputs, disable_state_update=False)
+
+
+def test_write_slots_with_padding():
+    inputs = make_inputs(6, 4, 4, 8, pool_size=20)
+    inputs["initial_state_indices"] = torch.tensor([0, 1, 2, -1, 4, 5], dtype=torch.int64, device="cuda")
+    write = torch.tensor([10, -1, 12, 13, 14, 5], dtype=torch.int64, device="cuda")
+    out, pool = check_call(inputs, disable_state_update=False, output_state_indices=write)
+    assert same_bits(pool[13], inputs["initial_state"][13])  # padded row: no write-back to its write slot
+
+
+def test_out_of_range_slots_are_padding():
+    inputs = make_inputs(4, 3, 4, 8, pool_size=6)
+    inputs["initial_state_indices"] = torch.tensor([0, 6, 2, 1 << 40], dtype=torch.int64, device="cuda")
+    write = torch.tensor([1, 3, 7, 4], dtype=torch.int32, device="cuda")
+    check_call(inputs, disable_state_update=False, output_state_indices=write, output=nan_like((4, 3, 8, 128), torch.bfloat16))
+    scatter = torch.tensor([[3, 99, -1], [4, 4, 4], [5, 1 << 30, 1]], dtype=torch.int32, device="cuda")
+    inputs = make_inputs(3, 3, 4, 8, pool_size=6)
+    inputs["initial_state_indices"] = torch.tensor([0, 7, 2], dtype=torch.int32, device="cuda")
+    check_call(inputs, disable_state_update=False, ssm_state_indices=scatter)
+
+
+def test_strided_pool_slice_of_larger_cache():
+    B, T, H, HV = 5, 4, 4, 8
+    inputs = make_inputs(B, T, H, HV, pool_size=9)
+    # A per-layer cache [slots, layers, HV, V + 4, K]; this layer's pool is a strided slice of it.
+    cache = torch.randn(9, 3, HV, 132, 128, device="cuda")
+    pool = cache[:, 1, :, 2:130, :]
+    assert not pool.is_contiguous()
+    inputs["initial_state"] = pool
+    untouched = cache[:, [0, 2]].clone(), cache[:, 1, :, :2].clone(), cache[:, 1, :, 130:].clone()
+    check_call(inputs, disable_state_update=False)
+    assert same_bits(cache[:, [0, 2]], untouched[0])
+    assert same_bits(cache[:, 1, :, :2], untouched[1])
+    assert same_bits(cache[:, 1, :, 130:], untouched[2])
+
+
+def test_packed_projection_views():
+    B, T, H, HV, K, V = 6, 3, 4, 8, 128, 128
+    inputs = make_inputs(B, T, H, HV, pool_size=10)
+    qkv = torch.randn(B, T, 2 * H * K + HV * V + 2 * HV + 8, device="cuda").to(torch.bfloat16)
+    q = qkv[..., : H * K].view(B, T, H, K)
+    k = qkv[..., H * K : 2 * H * K].view(B, T, H, K)
+    v = qkv[..., 2 * H * K : 2 * H * K + HV * V].view(B, T, HV, V)
+    gates = qkv[..., 2 * H * K + HV * V + 3 : 2 * H * K + HV * V + 3 + 2 * HV]  # odd offset: 2-byte aligned only
+    a, b = gates[..., :HV], gates[..., HV:]
+    inputs.update(q=q, k=k, v=v, a=a, b=b)
+    out_storage = nan_like((B, T, HV, V + 16), torch.bfloat16)
+    check_call(inputs, disable_state_update=False, output=out_storage[..., 8 : 8 + V])
+    assert torch.isnan(out_storage[..., :8]).all() and torch.isnan(out_storage[..., 8 + V :]).all()
+
+
+def test_unaligned_index_views():
+    inputs = make_inputs(5, 2, 4, 8, pool_size=12)
+    storage = torch.tensor([99, 3, 1, 7, 0, 11, 5], dtype=torch.int32, device="cuda")
+    inputs["initial_state_indices"] = storage[1:6]  # 4-byte offset
+    check_call(inputs, disable_state_update=False)
+    inputs = make_inputs(4, 2, 4, 8, pool_size=12)
+    inputs["initial_state_indices"] = torch.arange(8, dtype=torch.int64, device="cuda")[::2]  # strided
+    check_call(inputs, disable_state_update=False)
+
+
+@pytest.mark.parametrize("use_qk_l2norm", [True, False])
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_l2norm_and_scale(use_qk_l2norm, scale):
+    inputs = make_inputs(4, 5, 4, 8, dtype=torch.float16, pool_size=8)
+    if not use_qk_l2norm:  # keep q.k moderate without normalisation
+        inputs["q"] = (inputs["q"].float() / 8).half()
+        inputs["k"] = (inputs["k"].float() / 8).half()
+    check_call(inputs, disable_state_update=False, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def test_large_gates_do_not_make_nan():
+    inputs = make_inputs(3, 4, 4, 8, gate_dtype=torch.float32, pool_size=6)
+    inputs["a"].fill_(100.0)
+    inputs["a"][0, 0, 0] = 1e30
+    inputs["b"][1] = -1e4
+    inputs["b"][2] = 1e4
+    out, pool = check_call(inputs, disable_state_update=False)
+    assert torch.isfinite(out).all() and torch.isfinite(pool).all()
+
+
+def test_fp16_inputs_are_not_rounded_through_bf16():
+    inputs = make_inputs(4, 4, 4, 8, dtype=torch.float16, gate_dtype=torch.float16, pool_size=8)
+    out, _ = gated_delta_rule_mtp(**inputs, disable_state_update=True)
+    ref, _, _ = gated_delta_rule_mtp_reference(**inputs, disable_state_update=True)
+    # fp16 keeps 3 more mantissa bits than bf16: the error must be well under bf16's.
+    assert rel_error(out, ref) < 2e-3
+
+
+def test_default_disable_state_update_warns_and_keeps_pool():
+    import gdn_nvrtc.mtp as mtp
+
+    mtp._warned_default_update = False
+    inputs = make_inputs(3, 2, 4, 8, pool_size=5)
+    before = inputs["initial_state"].clone()
+    with pytest.warns(FutureWarning, match="disable_state_update"):
+        gated_delta_rule_mtp(**inputs)
+    torch.cuda.synchronize()
+    assert same_bits(inputs["initial_state"], before)
+
+
+def test_batch_zero_returns_at_once():
+    inputs = make_inputs(0, 3, 4, 8, pool_size=4)
+    before = inputs["initial_state"].clone()
+    out, pool = gated_delta_rule_mtp(**inputs, disable_state_update=False)
+    assert out.shape == (0, 3, 8, 128) and pool is inputs["initial_state"]
+    assert same_bits(pool, before)
+
+
+def test_cuda_graph_replay_with_new_indices():
+    B, T, H, HV = 6, 4, 4, 8
+    pool_size = 24
+    inputs = make_inputs(B, T, H, HV, pool_size=pool_size)
+    write = torch.empty(B, dtype=torch.int32, device="cuda")
+    out = torch.empty(B, T, HV, 128, dtype=torch.bfloat16, device="cuda")
+    kwargs = dict(disable_state_update=False, output_state_indices=write, output=out)
+    write.copy_(inputs["initial_state_indices"])
+    gated_delta_rule_mtp(**inputs, **kwargs)  # warm up: load the kernel outside capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        gated_delta_rule_mtp(**inputs, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    for replay in range(3):
+        fresh = make_inputs(B, T, H, HV, pool_size=pool_size)
+        for name in ("q", "k", "v", "a", "b", "initial_state", "A_log", "dt_bias"):
+            inputs[name].copy_(fresh[name])
+        perm = torch.randperm(pool_size, device="cuda").to(torch.int32)
+        inputs["initial_state_indices"].copy_(perm[:B])
+        inputs["initial_state_indices"][replay] = -1
+        write.copy_(perm[B : 2 * B])
+        out.fill_(float("nan"))
+        expected_out, expected_pool, _ = gated_delta_rule_mtp_reference(**inputs, **kwargs)
+        graph.replay()
+        torch.cuda.synchronize()
+        valid = inputs["initial_state_indices"] >= 0
+        assert rel_error(out[valid], expected_out[valid]) < OUTPUT_REL_TOL
+        assert torch.isnan(out[~valid]).all()
+        assert rel_error(inputs["initial_state"], expected_pool) < STATE_REL_TOL
+
+
+def test_returns_on_current_stream():
+    inputs = make_inputs(8, 4, 4, 8, pool_size=10)
+    expected, _, _ = gated_delta_rule_mtp_reference(**inputs, disable_state_update=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, _ = gated_delta_rule_mtp(**inputs, disable_state_update=True)
+        result = out.float().cpu()  # ordered after the kernel on this stream
+    assert rel_error(result, expected.cpu()) < OUTPUT_REL_TOL
