@@ -10,14 +10,14 @@ from gdn_nvrtc.reference import (
     OUTPUT_ROW_REL_TOL,
     STATE_REL_TOL,
     gated_delta_rule_mtp_reference,
+    output_row_error_floor,
 )
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor, dims=None) -> torch.Tensor:
     x, ref = x.double(), ref.double()
-    if dims is None:
-        return (x - ref).norm() / ref.norm().clamp_min(1e-30)
-    return (x - ref).norm(dim=dims) / ref.norm(dim=dims).clamp_min(1e-30)
+    norm = torch.linalg.vector_norm
+    return norm(x - ref, dim=dims) / norm(ref, dim=dims).clamp_min(1e-30)
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -71,7 +71,9 @@ def check_call(inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         got, ref = out[valid], ref_out[valid]
         assert torch.isfinite(got).all(), "output has non-finite values in a valid row"
         assert rel_error(got, ref) < OUTPUT_REL_TOL
-        assert rel_error(got, ref, dims=-1).max() < OUTPUT_ROW_REL_TOL
+        row_error = (got.double() - ref).norm(dim=-1)
+        allowed = OUTPUT_ROW_REL_TOL * ref.norm(dim=-1) + output_row_error_floor(got.dtype, got.shape[-1])
+        assert (row_error <= allowed).all(), f"worst row error {(row_error / ref.norm(dim=-1)).max():.3g}"
     if padded.any():
         if output_before is None:
             assert (out[padded] == 0).all(), "padded rows of an allocated output must be zero"
