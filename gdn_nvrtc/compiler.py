@@ -26,7 +26,9 @@ def template_dir() -> Path:
     for candidate in (Path(__file__).parent / "templates", Path(__file__).parent.parent / "templates"):
         if (candidate / TEMPLATE_NAME).is_file():
             return candidate
-    raise FileNotFoundError(f"{TEMPLATE_NAME} not found next to the gdn_nvrtc package or in the repository's templates/")
+    raise FileNotFoundError(
+        f"{TEMPLATE_NAME} not found next to the gdn_nvrtc package or in the repository's templates/"
+    )
 
 
 @cache

@@ -34,7 +34,8 @@ def mode_kwargs(mode: str, inputs: dict, generator: torch.Generator) -> dict:
         return {"disable_state_update": True}
     if mode in ("buffer", "buffer_longer"):
         steps = T if mode == "buffer" else T + 2
-        return {"disable_state_update": True, "intermediate_states_buffer": nan_like((B + 1, steps, HV, V, K), torch.float32)}
+        buffer = nan_like((B + 1, steps, HV, V, K), torch.float32)
+        return {"disable_state_update": True, "intermediate_states_buffer": buffer}
     if mode == "scatter":
         # Every (row, token) gets its own slot, disjoint from the read slots; some are skipped (-1).
         read = set(inputs["initial_state_indices"].tolist())
@@ -101,7 +102,8 @@ def test_out_of_range_slots_are_padding():
     inputs = make_inputs(4, 3, 4, 8, pool_size=6)
     inputs["initial_state_indices"] = torch.tensor([0, 6, 2, 1 << 40], dtype=torch.int64, device="cuda")
     write = torch.tensor([1, 3, 7, 4], dtype=torch.int32, device="cuda")
-    check_call(inputs, disable_state_update=False, output_state_indices=write, output=nan_like((4, 3, 8, 128), torch.bfloat16))
+    output = nan_like((4, 3, 8, 128), torch.bfloat16)
+    check_call(inputs, disable_state_update=False, output_state_indices=write, output=output)
     scatter = torch.tensor([[3, 99, -1], [4, 4, 4], [5, 1 << 30, 1]], dtype=torch.int32, device="cuda")
     inputs = make_inputs(3, 3, 4, 8, pool_size=6)
     inputs["initial_state_indices"] = torch.tensor([0, 7, 2], dtype=torch.int32, device="cuda")
@@ -238,3 +240,43 @@ def test_returns_on_current_stream():
         out, _ = gated_delta_rule_mtp(**inputs, disable_state_update=True)
         result = out.float().cpu()  # ordered after the kernel on this stream
     assert rel_error(result, expected.cpu()) < OUTPUT_REL_TOL
+
+
+def test_failed_call_writes_nothing():
+    inputs = make_inputs(4, 3, 4, 8, pool_size=8)
+    output = nan_like((4, 3, 8, 128), torch.bfloat16)
+    buffer = nan_like((4, 2, 8, 128, 128), torch.float32)  # too few steps
+    before = inputs["initial_state"].clone()
+    with pytest.raises(ValueError, match="intermediate_states_buffer must have shape"):
+        gated_delta_rule_mtp(**inputs, disable_state_update=False, output=output, intermediate_states_buffer=buffer)
+    torch.cuda.synchronize()
+    assert same_bits(inputs["initial_state"], before)
+    assert torch.isnan(output).all() and torch.isnan(buffer).all()
+
+
+@pytest.mark.parametrize(
+    "argument,row,value",
+    [("initial_state_indices", 2, 9), ("output_state_indices", 1, 1 << 33), ("ssm_state_indices", [3, 1], 8)],
+)
+def test_index_checking_mode_names_the_bad_entry(argument, row, value):
+    import gdn_nvrtc
+
+    inputs = make_inputs(4, 2, 4, 8, pool_size=8)
+    kwargs = {"disable_state_update": False}
+    if argument == "initial_state_indices":
+        inputs[argument][row] = value
+    elif argument == "output_state_indices":
+        kwargs[argument] = torch.tensor([0, value, -1, 3], dtype=torch.int64, device="cuda")
+    else:
+        scatter = torch.full((4, 2), -1, dtype=torch.int32, device="cuda")
+        scatter[tuple(row)] = value
+        kwargs[argument] = scatter
+    before = inputs["initial_state"].clone()
+    gdn_nvrtc.set_index_checking(True)
+    try:
+        with pytest.raises(IndexError) as raised:
+            gated_delta_rule_mtp(**inputs, **kwargs)
+    finally:
+        gdn_nvrtc.set_index_checking(False)
+    assert str(raised.value) == f"{argument}[{row}] = {value} is out of range for a state pool of 8 slots"
+    assert same_bits(inputs["initial_state"], before)

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from gdn_nvrtc import compiler
+from gdn_nvrtc.cubins import MANIFEST_NAME, PREBUILT_DIR
+from gdn_nvrtc.specs import PREBUILT_SPECS, KernelSpec
+
+
+def test_rendered_source_uses_no_headers():
+    source = compiler.render(PREBUILT_SPECS[0])
+    assert "#include" not in source
+    assert f'extern "C" __global__ void __launch_bounds__(THREADS) {PREBUILT_SPECS[0].name}(' in source
+
+
+@pytest.mark.parametrize("spec", PREBUILT_SPECS, ids=lambda s: s.name)
+def test_every_prebuilt_spec_compiles_without_spills(spec):
+    compiled = compiler.compile_spec(spec)
+    assert compiled.cubin[:4] == b"\x7fELF"
+    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
+    assert compiled.registers <= 255
+
+
+FALLBACK_SPECS = [KernelSpec(64, 256, 16, "bf16"), KernelSpec(256, 64, 3, "fp16")]
+
+
+@pytest.mark.parametrize("spec", FALLBACK_SPECS, ids=lambda s: s.name)
+def test_fallback_shapes_compile_without_spills(spec):
+    compiled = compiler.compile_spec(spec)
+    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
+
+
+def test_compile_error_carries_the_log(monkeypatch):
+    monkeypatch.setattr(compiler, "render", lambda spec: "this is not CUDA;")
+    with pytest.raises(compiler.CompileError, match="compiling .* failed.*\n.*error"):
+        compiler.compile_spec(PREBUILT_SPECS[0])
+
+
+def test_source_hash_tracks_the_spec():
+    assert compiler.source_sha256(PREBUILT_SPECS[0]) != compiler.source_sha256(PREBUILT_SPECS[1])
+
+
+@pytest.mark.skipif(not (PREBUILT_DIR / MANIFEST_NAME).is_file(), reason="prebuilt cubins not built")
+def test_prebuilt_manifest_is_complete_and_current():
+    manifest = json.loads((PREBUILT_DIR / MANIFEST_NAME).read_text())
+    assert set(manifest["kernels"]) == {spec.name for spec in PREBUILT_SPECS}
+    assert manifest["nvrtc_options"] == list(compiler.NVRTC_OPTIONS)
+    for spec in PREBUILT_SPECS:
+        entry = manifest["kernels"][spec.name]
+        assert entry["spill_bytes"] == 0 and entry["stack_bytes"] == 0
+        assert entry["source_sha256"] == compiler.source_sha256(spec), f"{spec.name} is stale"
+        assert (PREBUILT_DIR / entry["file"]).read_bytes()[:4] == b"\x7fELF"
