@@ -18,7 +18,9 @@ import jinja2
 from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, THREADS_PER_BLOCK, KernelSpec
 
 TEMPLATE_NAME = "gdn_mtp.cu.j2"
-NVRTC_OPTIONS = (f"--gpu-architecture={ARCH}", "-std=c++17", "-lineinfo", "--ptxas-options=-v")
+# --no-cache: NVRTC 13 may otherwise return a cubin from the driver's cache without running
+# ptxas, and then the log lacks the resource report we record and check.
+NVRTC_OPTIONS = (f"--gpu-architecture={ARCH}", "-std=c++17", "-lineinfo", "--ptxas-options=-v", "--no-cache")
 
 
 def template_dir() -> Path:
@@ -131,16 +133,17 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
         (compile_result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         result, size = nvrtc.nvrtcGetProgramLogSize(program)
         _check(nvrtc, result, "nvrtcGetProgramLogSize")
-        log_buffer = b" " * size
+        log_buffer = bytearray(size)
         (result,) = nvrtc.nvrtcGetProgramLog(program, log_buffer)
         _check(nvrtc, result, "nvrtcGetProgramLog")
-        log = log_buffer.rstrip(b"\x00 ").decode(errors="replace")
+        log = bytes(log_buffer).rstrip(b"\x00 ").decode(errors="replace")
         _check(nvrtc, compile_result, f"compiling {spec.name}", log)
         result, size = nvrtc.nvrtcGetCUBINSize(program)
         _check(nvrtc, result, "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        (result,) = nvrtc.nvrtcGetCUBIN(program, cubin)
+        cubin_buffer = bytearray(size)
+        (result,) = nvrtc.nvrtcGetCUBIN(program, cubin_buffer)
         _check(nvrtc, result, "nvrtcGetCUBIN")
+        cubin = bytes(cubin_buffer)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
     return CompiledKernel(

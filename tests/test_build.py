@@ -1,5 +1,7 @@
 """The wheel: built without a GPU, tagged for its platform, complete, importable in a fresh venv."""
 
+import os
+import site
 import subprocess
 import sys
 import venv
@@ -41,10 +43,17 @@ def test_wheel_holds_every_prebuilt_cubin(wheel):
 
 def test_wheel_imports_in_a_fresh_venv(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # System site-packages provide torch and cuda-bindings; gdn_nvrtc itself comes only from the wheel.
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    (venv_site,) = (env_dir / "lib").glob("python*/site-packages")
+    # This interpreter's packages (torch, cuda-bindings, jinja2) come after the venv's own;
+    # gdn_nvrtc itself comes only from the wheel.
+    (venv_site / "outer.pth").write_text("\n".join(p for p in site.getsitepackages() if p != str(ROOT)) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+    )
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = (
         "import sys; sys.modules['cuda.bindings.nvrtc'] = None\n"
         "import gdn_nvrtc, gdn_nvrtc.cubins as c\n"
@@ -53,7 +62,9 @@ def test_wheel_imports_in_a_fresh_venv(wheel, tmp_path):
         "assert all(c.is_prebuilt(s) and c.load_cubin(s)[:4] == b'\\x7fELF' for s in PREBUILT_SPECS)\n"
         "print('ok')\n"
     )
-    result = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([python, "-c", probe], cwd=tmp_path, env=clean_env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
-    info = subprocess.run([python, "-m", "gdn_nvrtc", "info"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    info = subprocess.run(
+        [python, "-m", "gdn_nvrtc", "info"], cwd=tmp_path, env=clean_env, capture_output=True, text=True, check=True
+    )
     assert f"{len(PREBUILT_SPECS)} prebuilt sm_90a cubins" in info.stdout

@@ -26,9 +26,11 @@ def test_kernel_is_loaded_once_per_process_and_thread_safe():
 
 def test_driver_errors_name_the_call():
     driver.kernel(PREBUILT_SPECS[0])  # initialises the driver
-    result, _ = cu.cuLibraryLoadData(b"not a cubin" * 8, None, None, 0, None, None, 0)
-    with pytest.raises(driver.CudaError, match="cuLibraryLoadData of garbage failed: CUDA_ERROR_"):
-        driver.check(result, "cuLibraryLoadData of garbage")
+    result, library = cu.cuLibraryLoadData(driver.load_cubin(PREBUILT_SPECS[0]), None, None, 0, None, None, 0)
+    driver.check(result, "cuLibraryLoadData")
+    result, _ = cu.cuLibraryGetKernel(library, b"no_such_kernel")
+    with pytest.raises(driver.CudaError, match="finding no_such_kernel failed: CUDA_ERROR_NOT_FOUND"):
+        driver.check(result, "finding no_such_kernel")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -1,0 +1,113 @@
+"""The benchmark's pure-Python parts: the floor, the replay sizing, the table and the command line (no GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_mtp  # noqa: E402
+from bench_mtp import Row, Timing  # noqa: E402
+
+# Floors (us) published in PERF.md for H = 16, HV = 32 at the copy bandwidth measured on that card
+# (both rounded: the floor to 0.1 us, the bandwidth to 1 GB/s).
+PUBLISHED_FLOORS = [
+    # bandwidth GB/s, mode, T, B, floor_us
+    (3026, "update", 2, 1, 1.4),
+    (3026, "update", 2, 8, 11.2),
+    (3026, "update", 4, 32, 45.4),
+    (3026, "update", 8, 256, 371.6),
+    (3026, "buffer", 2, 8, 16.8),
+    (3026, "buffer", 4, 32, 111.9),
+    (3026, "buffer", 8, 256, 1613.6),
+    (4281, "update", 2, 8, 7.9),
+    (4281, "update", 2, 256, 253.8),
+    (4281, "buffer", 8, 32, 142.6),
+]
+
+
+@pytest.mark.parametrize(("bandwidth", "mode", "T", "B", "floor_us"), PUBLISHED_FLOORS)
+def test_floor_matches_published_numbers(bandwidth, mode, T, B, floor_us):
+    assert bench_mtp.moved_bytes(mode, B, T, 16, 32) / (bandwidth * 1e9) * 1e6 == pytest.approx(
+        floor_us, rel=2e-4, abs=0.051
+    )
+
+
+def test_moved_bytes_by_mode():
+    B, T, H, HV = 8, 4, 16, 32
+    state = B * HV * 128 * 128 * 4
+    io = (2 * B * T * H * 128 + 2 * B * T * HV * 128 + 2 * B * T * HV) * 2
+    assert bench_mtp.moved_bytes("update", B, T, H, HV) == 2 * state + io
+    assert bench_mtp.moved_bytes("buffer", B, T, H, HV) == (1 + T) * state + io
+    assert bench_mtp.moved_bytes("scatter", B, T, H, HV) == (1 + T) * state + io
+
+
+def test_footprint_counts_each_state_once():
+    B, T, H, HV = 8, 4, 16, 32
+    state = B * HV * 128 * 128 * 4
+    assert bench_mtp.moved_bytes("update", B, T, H, HV) - bench_mtp.footprint_bytes("update", B, T, H, HV) == state
+    for mode in ("buffer", "scatter"):
+        assert bench_mtp.footprint_bytes(mode, B, T, H, HV) == bench_mtp.moved_bytes(mode, B, T, H, HV)
+
+
+def test_calls_per_replay():
+    assert bench_mtp.calls_per_replay(10**6, 1e9, 1e12) == 1000
+    assert bench_mtp.calls_per_replay(10**6, 1e9, 5e8) == 500  # capped by memory
+    assert bench_mtp.calls_per_replay(3 * 10**9, 1e9, 1e12) == 1  # one call beyond the target
+    assert bench_mtp.calls_per_replay(3 * 10**9, 1e9, 1e9) == 0  # does not fit at all
+
+
+def test_card_slug():
+    assert bench_mtp.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench_mtp.card_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def _row(ours: Timing, fi: Timing, fla: Timing) -> Row:
+    return Row("update", 2, 8, 16, 32, floor_us=10.0, floor_bytes=1, calls_per_replay=4,
+               timings={"ours": ours, "flashinfer": fi, "fla": fla})
+
+
+def test_table_values_and_alignment():
+    rows = [
+        _row(Timing(11.0, [10.9, 11.0, 11.22], "graph"), Timing(15.0, [15.0], "graph"), Timing(40.0, [40.0], "graph")),
+        _row(Timing(12.0, [12.0, 12.0], "graph"), Timing(note="failed: AssertionError: no"),
+             Timing(note="not available: ModuleNotFoundError: No module named 'fla'")),
+        _row(Timing(12.0, [12.0], "graph"), Timing(30.0, [30.0], "eager", "graph capture failed"), Timing()),
+    ]
+    lines = bench_mtp.format_table(rows).splitlines()
+    assert lines[0].split() == list(bench_mtp.TABLE_COLUMNS)
+    assert len({len(line) for line in lines}) == 1  # every line as wide as the header
+    first, missing, eager = (line.split() for line in lines[1:])
+    assert first == ["update", "2", "8", "16", "32", "10.0", "11.0", "1.10", "2.9%",
+                     "15.0", "1.50", "40.0", "4.00", "0.73"]
+    assert missing[9:] == ["n/a", "n/a", "n/a", "n/a", "n/a"]
+    assert eager[8] == "n/a"  # one sample has no spread
+    assert eager[9:11] == ["30.0*", "3.00"]
+
+
+def test_table_notes_once_per_reason():
+    fla_missing = Timing(note="not available: ModuleNotFoundError")
+    rows = [_row(Timing(1.0, [1.0], "graph"), Timing(2.0, [2.0], "eager", "capture failed"), fla_missing)] * 3
+    assert bench_mtp.table_notes(rows) == [
+        "flashinfer (eager): capture failed",
+        "fla (n/a): not available: ModuleNotFoundError",
+    ]
+
+
+def test_arguments():
+    args = bench_mtp.parse_args([])
+    assert (args.modes, args.T, args.B) == (list(bench_mtp.MODES), [2, 4, 8], [1, 8, 32, 64, 128, 256, 512])
+    assert args.heads == [(16, 32), (16, 64), (4, 8)]
+    quick = bench_mtp.parse_args(["--quick", "--T", "4"])
+    assert (quick.T, quick.B, quick.heads) == ([4], [8, 256], [(16, 32)])  # an axis flag overrides the preset
+    custom = bench_mtp.parse_args(["--modes", "update", "--B", "8", "32", "--heads", "16,32", "4,8"])
+    assert (custom.modes, custom.B, custom.heads) == (["update"], [8, 32], [(16, 32), (4, 8)])
+
+
+@pytest.mark.parametrize("heads", ["16", "16,24", "a,b", "0,8"])
+def test_bad_heads_are_rejected(heads):
+    with pytest.raises(SystemExit):
+        bench_mtp.parse_args(["--heads", heads])
