@@ -232,7 +232,7 @@ def build_calls(mode: str, B: int, T: int, H: int, HV: int, R: int, generator: t
     cuda = torch.device("cuda")
     slots_per_call = B * (1 + T) if mode == "scatter" else B
     pool = torch.randn(R * slots_per_call, HV, V, K, device=cuda, generator=generator).mul_(0.1)
-    slots = torch.randperm(pool.shape[0], device=cuda, generator=generator).to(torch.int32)
+    slots = torch.rand(pool.shape[0], device=cuda, generator=generator).argsort().to(torch.int32)  # a permutation
     A_log = torch.log(1 + 15 * torch.rand(HV, device=cuda, generator=generator))
     dt_bias = torch.randn(HV, device=cuda, generator=generator)
 
@@ -474,7 +474,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
     styles = {h: ("-", "--", ":", "-.")[i % 4] for i, h in enumerate(heads)}
     y_top = 2.0  # keeps 1.00 / 1.05 / 1.10 apart; slower points sit on the top edge as triangles
     fig, axes = plt.subplots(
-        len(modes), len(tokens), figsize=(4.5 * len(tokens), 3.4 * len(modes)), squeeze=False, sharex=True
+        len(modes), len(tokens), figsize=(max(7.0, 4.5 * len(tokens)), 3.4 * len(modes)), squeeze=False, sharex=True,
+        layout="constrained",
     )
     for (i, mode), (j, T) in itertools.product(enumerate(modes), enumerate(tokens)):
         ax = axes[i][j]
@@ -488,24 +489,24 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
             clipped = [min(r, y_top) for _, r in points]
             ax.plot(batches, clipped, color=colours[name], linestyle=styles[h], marker="o", markersize=3)
             above = [b for b, r in points if r > y_top]
-            ax.plot(above, [y_top] * len(above), color=colours[name], linestyle="none", marker="^", clip_on=False)
+            ax.plot(above, [y_top] * len(above), color=colours[name], linestyle="none", marker="^")
         for level in (1.0, 1.05, 1.10):
             ax.axhline(level, color="grey", linewidth=0.7, zorder=0)
         ax.set_xscale("log")
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.minorticks_off()
-        ax.set_ylim(0.9, y_top)
+        ax.set_ylim(0.9, y_top + 0.05)  # room for the triangles
         ax.set_title(f"{mode}, T={T}")
         if i == len(modes) - 1:
             ax.set_xlabel("B")
         if j == 0:
             ax.set_ylabel("time / floor")
-    legend = [Line2D([], [], color=colours[name], label=name) for name in IMPLEMENTATIONS] + [
+    timed = [name for name in IMPLEMENTATIONS if any(row.timings.get(name, Timing()).us for row in rows)]
+    legend = [Line2D([], [], color=colours[name], label=name) for name in timed] + [
         Line2D([], [], color="black", linestyle=styles[h], label=f"H={h[0]}, HV={h[1]}") for h in heads
     ]
     fig.suptitle(f"{title}\ngrey lines: 1.00, 1.05, 1.10 x floor; a triangle on the top edge: above {y_top}")
-    fig.tight_layout()
-    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(legend), frameon=False)
+    fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

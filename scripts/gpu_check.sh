@@ -20,7 +20,7 @@ echo "memcheck (rc=$?): $(grep -E 'ERROR SUMMARY' "$LOGS/gpu_check_memcheck.log"
 # A fresh venv that sees this interpreter's torch and cuda-bindings through a .pth file (no network).
 rm -rf /tmp/wheel_venv && python3 -m venv --without-pip /tmp/wheel_venv
 python3 -c "import site; print('\n'.join(site.getsitepackages()))" >"$(echo /tmp/wheel_venv/lib/python3*/site-packages)/outer.pth"
-python3 -m pip --python /tmp/wheel_venv/bin/python install -q --no-deps --no-index dist/*.whl
+env -u PYTHONPATH python3 -m pip --python /tmp/wheel_venv/bin/python install -q --no-deps --no-index dist/*.whl
 (cd /tmp && env -u PYTHONPATH GDN_NVRTC_CACHE_DIR=/tmp/empty_cache /tmp/wheel_venv/bin/python -c "
 import sys
 sys.modules['cuda.bindings.nvrtc'] = None  # any attempt to compile would fail loudly

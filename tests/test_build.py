@@ -49,11 +49,12 @@ def test_wheel_imports_in_a_fresh_venv(wheel, tmp_path):
     # This interpreter's packages (torch, cuda-bindings, jinja2) come after the venv's own;
     # gdn_nvrtc itself comes only from the wheel.
     (venv_site / "outer.pth").write_text("\n".join(p for p in site.getsitepackages() if p != str(ROOT)) + "\n")
+    # Without PYTHONPATH: a source checkout on it would satisfy pip and shadow the wheel.
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        check=True,
+        check=True, env=clean_env,
     )
-    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = (
         "import sys; sys.modules['cuda.bindings.nvrtc'] = None\n"
         "import gdn_nvrtc, gdn_nvrtc.cubins as c\n"
