@@ -517,7 +517,7 @@ def _host_line(results: dict) -> str:
     parts = []
     for name, result in results.items():
         if "error" in result:
-            parts.append(f"{name} failed ({result['error']})")
+            parts.append(f"{name} {result['error']}")
             continue
         bound = " (GPU-bound: the launch queue may have filled; an upper bound)" if (
             result["gpu_us"] > 0.9 * result["host_us"]) else ""
