@@ -78,7 +78,8 @@ def demo() -> int:
     print(f"  state error vs float64 reference:  {state_error:.2e} (limit {STATE_REL_TOL:g})")
     print(f"  first call (loads the cubin): {first_call_ms:.1f} ms")
     print(f"  {per_call_us:.1f} us per call ({calls} eager calls, warm L2; see `bench` for HBM-bound numbers)")
-    print(f"  NVRTC loaded in this process: {'yes' if 'cuda.bindings.nvrtc' in sys.modules else 'no'}")
+    nvrtc_loaded = sys.modules.get("cuda.bindings.nvrtc") is not None
+    print(f"  NVRTC loaded in this process: {'yes' if nvrtc_loaded else 'no'}")
     ok = out_error < OUTPUT_REL_TOL and state_error < STATE_REL_TOL
     print("  result: " + ("OK" if ok else "MISMATCH"))
     return 0 if ok else 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, THREADS_PER_BLOCK, KernelSpec
+from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, KernelSpec
 
 TEMPLATE_NAME = "gdn_mtp.cu.j2"
 # --no-cache: NVRTC 13 may otherwise return a cubin from the driver's cache without running
@@ -52,9 +52,10 @@ def render(spec: KernelSpec) -> str:
         V=spec.head_dim_v,
         T=spec.num_tokens,
         input_dtype=spec.input_dtype,
-        threads=THREADS_PER_BLOCK,
+        threads=spec.threads_per_block,
         lanes_per_row=spec.lanes_per_row,
         rows_per_thread=spec.rows_per_thread,
+        min_blocks=spec.min_blocks_per_sm,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

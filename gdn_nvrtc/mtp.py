@@ -33,7 +33,6 @@ from .specs import (
     PARAM_STRUCT_FORMAT,
     SCALAR_DTYPE_CODES,
     SUPPORTED_HEAD_DIMS,
-    THREADS_PER_BLOCK,
     KernelSpec,
 )
 
@@ -315,5 +314,5 @@ def gated_delta_rule_mtp(
     }
     params = _PARAMS.pack(*[values[name] for name in _PARAM_NAMES])
     stream = torch.cuda.current_stream(device).cuda_stream
-    driver.launch(driver.kernel(spec), grid, THREADS_PER_BLOCK, stream, device.index, params)
+    driver.launch(driver.kernel(spec), grid, spec.threads_per_block, stream, device.index, params)
     return output, initial_state

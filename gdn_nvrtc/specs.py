@@ -27,9 +27,10 @@ ARCH = "sm_90a"
 PREBUILT_HEAD_DIM = 128
 PREBUILT_TOKENS = tuple(range(1, 9))
 
-THREADS_PER_BLOCK = 128
-STATE_ELEMS_PER_LANE = 32  # fp32 state values a thread holds per V-row
-ROWS_PER_THREAD = 1
+# How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
+# lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
+# (0: none, the compiler's choice).
+TILING = {"THREADS": 128, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 
 
 @dataclass(frozen=True)
@@ -69,18 +70,26 @@ class KernelSpec:
         return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6])
 
     @property
+    def threads_per_block(self) -> int:
+        return TILING["THREADS"]
+
+    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values)."""
-        return self.head_dim_k // STATE_ELEMS_PER_LANE
+        return max(1, self.head_dim_k // TILING["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight)."""
-        return ROWS_PER_THREAD
+        return TILING["ROWS_PER_THREAD"]
+
+    @property
+    def min_blocks_per_sm(self) -> int:
+        return TILING["MIN_BLOCKS"]
 
     @property
     def rows_per_block(self) -> int:
-        return THREADS_PER_BLOCK // self.lanes_per_row * self.rows_per_thread
+        return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
     def tiles_per_head(self) -> int:

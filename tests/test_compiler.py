@@ -10,7 +10,7 @@ from gdn_nvrtc.specs import PREBUILT_SPECS, KernelSpec
 def test_rendered_source_uses_no_headers():
     source = compiler.render(PREBUILT_SPECS[0])
     assert "#include" not in source
-    assert f'extern "C" __global__ void __launch_bounds__(THREADS) {PREBUILT_SPECS[0].name}(' in source
+    assert f"{PREBUILT_SPECS[0].name}(const __grid_constant__ Params p)" in source
 
 
 @pytest.mark.parametrize("spec", PREBUILT_SPECS, ids=lambda s: s.name)

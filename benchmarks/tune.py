@@ -1,0 +1,79 @@
+"""Compare block tilings of the kernel on the GPU (a tuning aid, not part of the package).
+
+    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...]
+
+Each variant sets gdn_nvrtc.specs.TILING, compiles with NVRTC into a private cache (the
+prebuilt cubins are bypassed) and is timed with bench_mtp's method (graph replay, cold L2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench_mtp  # noqa: E402
+
+from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, specs  # noqa: E402
+
+def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> dict:
+    return {"THREADS": threads, "ELEMS_PER_LANE": elems_per_lane, "ROWS_PER_THREAD": rows_per_thread,
+            "MIN_BLOCKS": min_blocks}
+
+
+VARIANTS = {
+    "base": variant(),
+    "rpt2": variant(rows_per_thread=2),
+    "epl16": variant(elems_per_lane=16),
+    "epl16_rpt2": variant(elems_per_lane=16, rows_per_thread=2),
+    "t256": variant(threads=256),
+    "epl8_rpt4": variant(elems_per_lane=8, rows_per_thread=4),
+    "epl4_rpt8": variant(elems_per_lane=4, rows_per_thread=8),
+}
+POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
+HEADS = (16, 32)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--points", nargs="+", default=POINTS)
+    args = parser.parse_args()
+    os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdn_tune_")
+    cubins.prebuilt_manifest.cache_clear()
+    cubins.prebuilt_manifest = lambda: {"kernels": {}}  # compile every variant
+    bandwidth = bench_mtp.copy_bandwidth()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    H, HV = HEADS
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
+    for name in args.variants:
+        specs.TILING.update(VARIANTS[name])
+        driver._kernels.clear()
+        cells = []
+        registers = set()
+        for point in args.points:
+            mode, T, B = point.split(":")
+            T, B = int(T), int(B)
+            registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
+            floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
+            R = bench_mtp.calls_per_replay(bench_mtp.footprint_bytes(mode, B, T, H, HV), 1e9, 0.6 * torch.cuda.mem_get_info()[0])
+            calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in bench_mtp.build_calls(mode, B, T, H, HV, R, generator)]
+            timing = bench_mtp.time_calls(calls, repeats=2, min_ms=50.0, peer=False)
+            cells.append(f"{point}={timing.us:.1f}us({timing.us / floor_us:.2f})")
+            del calls
+            torch.cuda.empty_cache()
+        lines.append(f"{name:12s} regs={sorted(registers)} " + " ".join(cells))
+        print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
