@@ -23,6 +23,7 @@ import bench_mtp  # noqa: E402
 
 from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, specs  # noqa: E402
 
+
 def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> dict:
     return {"THREADS": threads, "ELEMS_PER_LANE": elems_per_lane, "ROWS_PER_THREAD": rows_per_thread,
             "MIN_BLOCKS": min_blocks}
@@ -63,11 +64,13 @@ def main() -> int:
             T, B = int(T), int(B)
             registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
             floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
-            R = bench_mtp.calls_per_replay(bench_mtp.footprint_bytes(mode, B, T, H, HV), 1e9, 0.6 * torch.cuda.mem_get_info()[0])
-            calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in bench_mtp.build_calls(mode, B, T, H, HV, R, generator)]
+            footprint = bench_mtp.footprint_bytes(mode, B, T, H, HV)
+            R = bench_mtp.calls_per_replay(footprint, 1e9, 0.6 * torch.cuda.mem_get_info()[0])
+            arguments = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
+            calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in arguments]
             timing = bench_mtp.time_calls(calls, repeats=2, min_ms=50.0, peer=False)
             cells.append(f"{point}={timing.us:.1f}us({timing.us / floor_us:.2f})")
-            del calls
+            del calls, arguments
             torch.cuda.empty_cache()
         lines.append(f"{name:12s} regs={sorted(registers)} " + " ".join(cells))
         print(lines[-1], file=sys.stderr, flush=True)
