@@ -24,29 +24,19 @@ import bench_mtp  # noqa: E402
 from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, specs  # noqa: E402
 
 
-def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0, stages=2) -> dict:
+def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> dict:
     return {"THREADS": threads, "ELEMS_PER_LANE": elems_per_lane, "ROWS_PER_THREAD": rows_per_thread,
-            "MIN_BLOCKS": min_blocks, "STAGES": stages}
+            "MIN_BLOCKS": min_blocks}
 
 
 VARIANTS = {
     "base": variant(),
-    "s3": variant(stages=3),
-    "s4": variant(stages=4),
-    "rpt2_s3": variant(rows_per_thread=2, stages=3),
-    "epl16_rpt2_s3": variant(elems_per_lane=16, rows_per_thread=2, stages=3),
-    "epl16_s3": variant(elems_per_lane=16, stages=3),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
     "epl16_rpt2": variant(elems_per_lane=16, rows_per_thread=2),
     "t256": variant(threads=256),
     "epl8_rpt4": variant(elems_per_lane=8, rows_per_thread=4),
     "epl4_rpt8": variant(elems_per_lane=4, rows_per_thread=8),
-    "rpt2_t64": variant(threads=64, rows_per_thread=2),
-    "epl16_rpt4": variant(elems_per_lane=16, rows_per_thread=4),
-    "epl16_rpt4_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=4),
-    "epl8_rpt4_t64": variant(threads=64, elems_per_lane=8, rows_per_thread=4),
-    "epl16_rpt2_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=2),
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 HEADS = (16, 32)

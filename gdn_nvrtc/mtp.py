@@ -42,6 +42,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODES.items()}
 _PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
 _PARAM_NAMES = tuple(name for name, _ in PARAM_FIELDS)
+_MAX_GRID = 2**31 - 1
 
 _check_indices = os.environ.get("GDN_NVRTC_CHECK_INDICES", "0") not in ("", "0")
 _warned_default_update = False
@@ -244,7 +245,9 @@ def gated_delta_rule_mtp(
     _check_device(device.index)
 
     spec = KernelSpec(K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype])
-    num_items = B * HV * spec.tiles_per_head
+    grid = B * HV * spec.tiles_per_head
+    if grid > _MAX_GRID:
+        raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
 
     if disable_state_update is None:
         if not _warned_default_update:
@@ -307,11 +310,9 @@ def gated_delta_rule_mtp(
         "scatter_is64": scatter_slots is not None and scatter_slots.dtype == torch.int64,
         "a_dtype": _SCALAR_DTYPES[a.dtype], "b_dtype": _SCALAR_DTYPES[b.dtype],
         "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
-        "num_items": num_items, "flags": flags, "scale": float(scale),
+        "flags": flags, "scale": float(scale),
     }
     params = _PARAMS.pack(*[values[name] for name in _PARAM_NAMES])
     stream = torch.cuda.current_stream(device).cuda_stream
-    kernel = driver.kernel(spec)
-    grid = min(num_items, kernel.resident_blocks(device.index))
-    driver.launch(kernel, grid, stream, device.index, params)
+    driver.launch(driver.kernel(spec), grid, spec.threads_per_block, stream, device.index, params)
     return output, initial_state

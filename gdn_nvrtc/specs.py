@@ -30,8 +30,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
 # (0: none, the compiler's choice).
-# STAGES shared-memory buffers hold the state of the items a block will process next.
-TILING = {"THREADS": 128, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0, "STAGES": 2}
+TILING = {"THREADS": 128, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 
 
 @dataclass(frozen=True)
@@ -93,15 +92,6 @@ class KernelSpec:
         return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
-    def stages(self) -> int:
-        return TILING["STAGES"]
-
-    @property
-    def dynamic_shared_bytes(self) -> int:
-        """The cp.async stages: the fp32 state of `stages` work items."""
-        return self.stages * self.rows_per_block * self.head_dim_k * 4
-
-    @property
     def tiles_per_head(self) -> int:
         return self.head_dim_v // self.rows_per_block
 
@@ -142,6 +132,6 @@ PARAM_FIELDS = (
     ("read_s", "i64"), ("write_s", "i64"), ("scatter_sb", "i64"), ("scatter_st", "i64"),
     ("read_is64", "i64"), ("write_is64", "i64"), ("scatter_is64", "i64"),
     ("a_dtype", "i64"), ("b_dtype", "i64"), ("dt_bias_dtype", "i64"),
-    ("num_items", "i64"), ("flags", "i64"), ("scale", "f64"),
+    ("flags", "i64"), ("scale", "f64"),
 )
 PARAM_STRUCT_FORMAT = "<" + "".join({"ptr": "Q", "i64": "q", "f64": "d"}[kind] for _, kind in PARAM_FIELDS)
