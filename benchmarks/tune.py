@@ -55,7 +55,7 @@ def main() -> int:
     H, HV = HEADS
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     for name in args.variants:
-        specs.TILING.update(VARIANTS[name])
+        specs.tiling_for = lambda num_tokens, tiling=VARIANTS[name]: tiling
         driver._kernels.clear()
         cells = []
         registers = set()

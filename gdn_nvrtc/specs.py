@@ -29,8 +29,16 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice).
-TILING = {"THREADS": 128, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+# (0: none, the compiler's choice). Chosen by T from measurements (benchmarks/NOTES.md): with few
+# tokens the state in flight per thread matters most, with many the arithmetic per row.
+TILINGS = (  # (largest T, tiling)
+    (3, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
+    (MAX_TOKENS, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 0}),
+)
+
+
+def tiling_for(num_tokens: int) -> dict:
+    return next(tiling for largest, tiling in TILINGS if num_tokens <= largest)
 
 
 @dataclass(frozen=True)
@@ -70,22 +78,27 @@ class KernelSpec:
         return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6])
 
     @property
+    def tiling(self) -> dict:
+        return tiling_for(self.num_tokens)
+
+    @property
     def threads_per_block(self) -> int:
-        return TILING["THREADS"]
+        return self.tiling["THREADS"]
 
     @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values)."""
-        return max(1, self.head_dim_k // TILING["ELEMS_PER_LANE"])
+        return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
-        """Independent V-rows each thread updates (more rows: more work in flight)."""
-        return TILING["ROWS_PER_THREAD"]
+        """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
+        groups = self.threads_per_block // self.lanes_per_row
+        return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
     @property
     def min_blocks_per_sm(self) -> int:
-        return TILING["MIN_BLOCKS"]
+        return self.tiling["MIN_BLOCKS"]
 
     @property
     def rows_per_block(self) -> int:
