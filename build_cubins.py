@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gdn_nvrtc.compiler import NVRTC_OPTIONS, CompiledKernel, compile_spec, nvrtc_version  # noqa: E402
+from gdn_nvrtc.compiler import NVRTC_OPTIONS, CompiledKernel, compile_spec, nvrtc_version, sources_sha256  # noqa: E402
 from gdn_nvrtc.cubins import MANIFEST_NAME, PREBUILT_DIR  # noqa: E402
 from gdn_nvrtc.specs import PREBUILT_SPECS  # noqa: E402
 
@@ -46,6 +46,7 @@ def build(out_dir: Path, jobs: int) -> dict:
     manifest = {
         "nvrtc_version": nvrtc_version(),
         "nvrtc_options": list(NVRTC_OPTIONS),
+        "sources_sha256": sources_sha256(),
         "kernels": dict(sorted(kernels.items())),
     }
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import specs
 from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, KernelSpec
 
 TEMPLATE_NAME = "gdn_mtp.cu.j2"
@@ -62,9 +63,16 @@ def render(spec: KernelSpec) -> str:
     )
 
 
-def source_sha256(spec: KernelSpec) -> str:
-    """Identifies what a cubin was compiled from: the rendered source and the NVRTC options."""
-    return hashlib.sha256("\n".join([render(spec), *NVRTC_OPTIONS]).encode()).hexdigest()
+@cache
+def sources_sha256() -> str:
+    """Identifies what every cubin is compiled from: the template, the spec rules and the options.
+
+    Hashing the two files is cheap enough for the first call; rendering the template is not."""
+    digest = hashlib.sha256()
+    for path in (template_dir() / TEMPLATE_NAME, Path(specs.__file__)):
+        digest.update(path.read_bytes())
+    digest.update("\n".join(NVRTC_OPTIONS).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,6 @@ class CompiledKernel:
 
     def manifest_entry(self) -> dict:
         return {
-            "source_sha256": source_sha256(self.spec),
             "registers": self.registers,
             "spill_bytes": self.spill_bytes,
             "stack_bytes": self.stack_bytes,

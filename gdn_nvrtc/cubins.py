@@ -27,13 +27,13 @@ def prebuilt_manifest() -> dict:
     return json.loads(path.read_text())
 
 
-def _check_prebuilt_is_current(spec: KernelSpec, entry: dict) -> None:
-    from .compiler import source_sha256
+def _check_prebuilt_is_current(spec: KernelSpec, manifest: dict) -> None:
+    from .compiler import sources_sha256
 
-    if entry["source_sha256"] != source_sha256(spec):
+    if manifest["sources_sha256"] != sources_sha256():
         raise RuntimeError(
             f"the prebuilt cubin for {spec.name} in {PREBUILT_DIR} was built from another version of the "
-            "kernel source; rebuild the prebuilt cubins with `python build_cubins.py`"
+            "kernel sources; rebuild the prebuilt cubins with `python build_cubins.py`"
         )
 
 
@@ -46,9 +46,9 @@ def cache_dir() -> Path:
 
 
 def _cache_path(spec: KernelSpec) -> Path:
-    from .compiler import nvrtc_version, source_sha256
+    from .compiler import nvrtc_version, sources_sha256
 
-    key = hashlib.sha256(f"{source_sha256(spec)}\n{nvrtc_version()}".encode()).hexdigest()
+    key = hashlib.sha256(f"{spec.name}\n{sources_sha256()}\n{nvrtc_version()}".encode()).hexdigest()
     return cache_dir() / f"{spec.name}-{key[:24]}.cubin"
 
 
@@ -85,7 +85,7 @@ def load_cubin(spec: KernelSpec) -> bytes:
     manifest = prebuilt_manifest()
     entry = manifest["kernels"].get(spec.name)
     if entry is not None:
-        _check_prebuilt_is_current(spec, entry)
+        _check_prebuilt_is_current(spec, manifest)
         return (PREBUILT_DIR / entry["file"]).read_bytes()
     path = _cache_path(spec)
     cubin = _read_cached(path)

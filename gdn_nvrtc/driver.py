@@ -79,12 +79,28 @@ def _primary_context(device_index: int) -> int:
     return context
 
 
+_thread = threading.local()
+
+
+def _parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
+    """A per-thread buffer for the parameter struct and the address of the pointer to it.
+
+    cuLaunchKernel copies the parameters before it returns, so the buffer can be reused."""
+    buffer = getattr(_thread, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = ctypes.create_string_buffer(size)
+        _thread.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+        _thread.buffer = buffer
+        _thread.pointers_address = ctypes.addressof(_thread.pointers)
+    return buffer, _thread.pointers_address
+
+
 def launch(
     function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: bytes
 ) -> None:
     """Launch function(params) with a 1-D grid on the given stream handle of device_index."""
-    buffer = ctypes.create_string_buffer(params, len(params))
-    pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+    buffer, pointers_address = _parameter_buffer(len(params))
+    ctypes.memmove(buffer, params, len(params))
     context = None
     if stream == _NULL_STREAM:
         context = _primary_context(device_index)
@@ -96,7 +112,7 @@ def launch(
             (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
             check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
     try:
-        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, ctypes.addressof(pointers), 0)
+        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, pointers_address, 0)
         check(result, "cuLaunchKernel")
     finally:
         if context is not None:

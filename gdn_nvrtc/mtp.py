@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -41,8 +42,9 @@ STATE_DTYPES = {torch.float32: "fp32"}
 INDEX_DTYPES = (torch.int32, torch.int64)
 _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODES.items()}
 _PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
-_PARAM_NAMES = tuple(name for name, _ in PARAM_FIELDS)
+_POINTER_FIELDS = 13  # PARAM_FIELDS starts with the pointers; the rest is fixed by the plan
 _MAX_GRID = 2**31 - 1
+_MAX_PLANS = 4096
 
 _check_indices = os.environ.get("GDN_NVRTC_CHECK_INDICES", "0") not in ("", "0")
 _warned_default_update = False
@@ -99,6 +101,16 @@ def _need_indices(name: str, x, shape: tuple, meaning: str) -> torch.Tensor:
     return x
 
 
+def _check_alignment(pool: torch.Tensor, buffer: torch.Tensor | None) -> None:
+    if pool.data_ptr() % 16 or any(s % 4 for s in pool.stride()[:3]):
+        raise ValueError(
+            "initial_state must be 16-byte aligned, with pool/HV/V strides that are multiples of 4 elements; "
+            f"got address {pool.data_ptr():#x} and strides {_dims(pool.stride())}"
+        )
+    if buffer is not None and buffer.data_ptr() % 16:
+        raise ValueError(f"intermediate_states_buffer must be 16-byte aligned, got address {buffer.data_ptr():#x}")
+
+
 @cache
 def _check_device(index: int) -> None:
     major, minor = torch.cuda.get_device_capability(index)
@@ -118,31 +130,34 @@ def _report_bad_index(name: str, indices: torch.Tensor, pool_size: int) -> None:
         raise IndexError(f"{name}[{row}] = {value} is out of range for a state pool of {pool_size} slots")
 
 
-def gated_delta_rule_mtp(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: torch.Tensor,
-    initial_state_indices: torch.Tensor,
-    A_log: torch.Tensor,
-    a: torch.Tensor,
-    dt_bias: torch.Tensor,
-    b: torch.Tensor,
-    scale: float | None = None,
-    output: torch.Tensor | None = None,
-    intermediate_states_buffer: torch.Tensor | None = None,
-    ssm_state_indices: torch.Tensor | None = None,
-    disable_state_update: bool | None = None,
-    use_qk_l2norm: bool = True,
-    output_state_indices: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused Gated DeltaNet verify step over T draft tokens; returns (output, initial_state).
 
-    See the module docstring for the math and ../README.md for every argument. Raises
-    TypeError / ValueError / RuntimeError before anything is launched or written.
-    """
-    global _warned_default_update
+@dataclass(frozen=True)
+class _Plan:
+    """What a call needs beyond its data pointers; a pure function of the arguments' shapes,
+    strides, dtypes, devices and flags, so it is computed once per such signature."""
 
+    kernel: object | None  # the driver's launch handle; None when B == 0
+    device_index: int
+    grid: int
+    block: int
+    pool_size: int
+    out_shape: tuple[int, ...]
+    warn_default_update: bool
+    fixed_params: tuple  # PARAM_FIELDS after the pointers
+
+
+_plans: dict[tuple, _Plan] = {}
+
+
+def _describe(x) -> tuple | None:
+    return None if x is None else (x.shape, x.stride(), x.dtype, x.get_device())
+
+
+def _make_plan(
+    q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+    intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+) -> _Plan:
+    """Every check of SPEC.md that does not depend on tensor contents; raises before anything runs."""
     _need_tensor("q", q, 4)
     _need_dtype("q", q, INPUT_DTYPES)
     B, T, H, K = q.shape
@@ -180,11 +195,7 @@ def gated_delta_rule_mtp(
     _need_shape("initial_state", pool, (pool_size, HV, V, K), "[pool_size, HV, V, K]")
     if pool.stride(3) != 1:
         raise ValueError(f"initial_state must have stride 1 along K, got strides {_dims(pool.stride())}")
-    if pool.data_ptr() % 16 or any(s % 4 for s in pool.stride()[:3]):
-        raise ValueError(
-            "initial_state must be 16-byte aligned, with pool/HV/V strides that are multiples of 4 elements; "
-            f"got address {pool.data_ptr():#x} and strides {_dims(pool.stride())}"
-        )
+    _check_alignment(pool, None)
     read_slots = _need_indices("initial_state_indices", initial_state_indices, (B,), "[B]")
     write_slots = output_state_indices
     if write_slots is not None:
@@ -202,8 +213,7 @@ def gated_delta_rule_mtp(
             raise ValueError(
                 f"intermediate_states_buffer must be contiguous, got strides {_dims(buffer.stride())}"
             )
-        if buffer.data_ptr() % 16:
-            raise ValueError(f"intermediate_states_buffer must be 16-byte aligned, got address {buffer.data_ptr():#x}")
+        _check_alignment(pool, buffer)
     scatter_slots = ssm_state_indices
     if scatter_slots is not None:
         _need_indices("ssm_state_indices", scatter_slots, (B, T), "[B, T]")
@@ -244,38 +254,19 @@ def gated_delta_rule_mtp(
         raise ValueError(f"the tensors must be on a CUDA device, got {device}")
     _check_device(device.index)
 
+
     spec = KernelSpec(K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype])
     grid = B * HV * spec.tiles_per_head
     if grid > _MAX_GRID:
         raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
 
-    if disable_state_update is None:
-        if not _warned_default_update:
-            warnings.warn(
-                "gated_delta_rule_mtp: disable_state_update=None currently means True (the pool is not "
-                "updated); the default will become False. Pass it explicitly to silence this warning.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            _warned_default_update = True
-        disable_state_update = True
-
-    if _check_indices:
-        for name, x in (
-            ("initial_state_indices", read_slots),
-            ("output_state_indices", write_slots),
-            ("ssm_state_indices", scatter_slots),
-        ):
-            if x is not None:
-                _report_bad_index(name, x, pool_size)
-
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
     if output is None:
-        output = torch.empty((B, T, HV, V), dtype=q.dtype, device=device)
+        out_strides = (T * HV * V, HV * V, V)
         flags |= FLAGS["ZERO_PADDED_OUTPUT"]
-    if B == 0:
-        return output, initial_state
-    if not disable_state_update and scatter_slots is None:
+    else:
+        out_strides = output.stride()[:3]
+    if disable_state_update is False and scatter_slots is None:
         flags |= FLAGS["WRITE_FINAL"]
     if buffer is not None:
         flags |= FLAGS["WRITE_BUFFER"]
@@ -283,21 +274,13 @@ def gated_delta_rule_mtp(
         flags |= FLAGS["WRITE_SCATTER"]
     if write_slots is not None:
         flags |= FLAGS["HAS_WRITE_SLOTS"]
-
-    values = {
-        "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "a": a.data_ptr(), "b": b.data_ptr(),
-        "A_log": A_log.data_ptr(), "dt_bias": dt_bias.data_ptr(), "pool": pool.data_ptr(),
-        "read_slots": read_slots.data_ptr(),
-        "write_slots": 0 if write_slots is None else write_slots.data_ptr(),
-        "scatter_slots": 0 if scatter_slots is None else scatter_slots.data_ptr(),
-        "buffer": 0 if buffer is None else buffer.data_ptr(),
-        "out": output.data_ptr(),
+    fixed = {
         "B": B, "H": H, "HV": HV, "pool_size": pool_size,
         "q_sb": q.stride(0), "q_st": q.stride(1), "q_sh": q.stride(2),
         "k_sb": k.stride(0), "k_st": k.stride(1), "k_sh": k.stride(2),
         "v_sb": v.stride(0), "v_st": v.stride(1), "v_sh": v.stride(2),
         "a_sb": a.stride(0), "a_st": a.stride(1), "b_sb": b.stride(0), "b_st": b.stride(1),
-        "o_sb": output.stride(0), "o_st": output.stride(1), "o_sh": output.stride(2),
+        "o_sb": out_strides[0], "o_st": out_strides[1], "o_sh": out_strides[2],
         "pool_s0": pool.stride(0), "pool_s1": pool.stride(1), "pool_s2": pool.stride(2),
         "buf_sb": 0 if buffer is None else buffer.stride(0),
         "buf_st": 0 if buffer is None else buffer.stride(1),
@@ -312,7 +295,95 @@ def gated_delta_rule_mtp(
         "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
         "flags": flags, "scale": float(scale),
     }
-    params = _PARAMS.pack(*[values[name] for name in _PARAM_NAMES])
-    stream = torch.cuda.current_stream(device).cuda_stream
-    driver.launch(driver.kernel(spec), grid, spec.threads_per_block, stream, device.index, params)
+    return _Plan(
+        kernel=driver.kernel(spec) if B else None,
+        device_index=device.index,
+        grid=grid,
+        block=spec.threads_per_block,
+        pool_size=pool_size,
+        out_shape=(B, T, HV, V),
+        warn_default_update=disable_state_update is None,
+        fixed_params=tuple(fixed[name] for name, _ in PARAM_FIELDS[_POINTER_FIELDS:]),
+    )
+
+
+def gated_delta_rule_mtp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: torch.Tensor,
+    initial_state_indices: torch.Tensor,
+    A_log: torch.Tensor,
+    a: torch.Tensor,
+    dt_bias: torch.Tensor,
+    b: torch.Tensor,
+    scale: float | None = None,
+    output: torch.Tensor | None = None,
+    intermediate_states_buffer: torch.Tensor | None = None,
+    ssm_state_indices: torch.Tensor | None = None,
+    disable_state_update: bool | None = None,
+    use_qk_l2norm: bool = True,
+    output_state_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused Gated DeltaNet verify step over T draft tokens; returns (output, initial_state).
+
+    See the module docstring for the math and ../README.md for every argument. Raises
+    TypeError / ValueError / RuntimeError before anything is launched or written.
+    """
+    global _warned_default_update
+
+    try:
+        key = (
+            _describe(q), _describe(k), _describe(v), _describe(initial_state), _describe(initial_state_indices),
+            _describe(A_log), _describe(a), _describe(dt_bias), _describe(b), _describe(output),
+            _describe(intermediate_states_buffer), _describe(ssm_state_indices), _describe(output_state_indices),
+            scale, disable_state_update, use_qk_l2norm,
+        )
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable scale: the full checks say what is wrong
+        key, plan = None, None
+    if plan is None:
+        plan = _make_plan(
+            q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+            intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+        )
+        if key is not None:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    else:
+        _check_alignment(initial_state, intermediate_states_buffer)
+
+    if plan.warn_default_update and not _warned_default_update:
+        warnings.warn(
+            "gated_delta_rule_mtp: disable_state_update=None currently means True (the pool is not "
+            "updated); the default will become False. Pass it explicitly to silence this warning.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        _warned_default_update = True
+    if _check_indices:
+        for name, x in (
+            ("initial_state_indices", initial_state_indices),
+            ("output_state_indices", output_state_indices),
+            ("ssm_state_indices", ssm_state_indices),
+        ):
+            if x is not None:
+                _report_bad_index(name, x, plan.pool_size)
+    if output is None:
+        output = torch.empty(plan.out_shape, dtype=q.dtype, device=q.device)
+    if plan.kernel is None:
+        return output, initial_state
+
+    params = _PARAMS.pack(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), A_log.data_ptr(), dt_bias.data_ptr(),
+        initial_state.data_ptr(), initial_state_indices.data_ptr(),
+        0 if output_state_indices is None else output_state_indices.data_ptr(),
+        0 if ssm_state_indices is None else ssm_state_indices.data_ptr(),
+        0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr(),
+        output.data_ptr(),
+        *plan.fixed_params,
+    )
+    stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
+    driver.launch(plan.kernel, plan.grid, plan.block, stream, plan.device_index, params)
     return output, initial_state

@@ -36,8 +36,17 @@ def test_compile_error_carries_the_log(monkeypatch):
         compiler.compile_spec(PREBUILT_SPECS[0])
 
 
-def test_source_hash_tracks_the_spec():
-    assert compiler.source_sha256(PREBUILT_SPECS[0]) != compiler.source_sha256(PREBUILT_SPECS[1])
+def test_sources_hash_tracks_the_template(tmp_path, monkeypatch):
+    before = compiler.sources_sha256()
+    (tmp_path / compiler.TEMPLATE_NAME).write_text(
+        (compiler.template_dir() / compiler.TEMPLATE_NAME).read_text() + "// changed\n"
+    )
+    monkeypatch.setattr(compiler, "template_dir", lambda: tmp_path)
+    compiler.sources_sha256.cache_clear()
+    try:
+        assert compiler.sources_sha256() != before
+    finally:
+        compiler.sources_sha256.cache_clear()
 
 
 @pytest.mark.skipif(not (PREBUILT_DIR / MANIFEST_NAME).is_file(), reason="prebuilt cubins not built")
@@ -45,8 +54,8 @@ def test_prebuilt_manifest_is_complete_and_current():
     manifest = json.loads((PREBUILT_DIR / MANIFEST_NAME).read_text())
     assert set(manifest["kernels"]) == {spec.name for spec in PREBUILT_SPECS}
     assert manifest["nvrtc_options"] == list(compiler.NVRTC_OPTIONS)
+    assert manifest["sources_sha256"] == compiler.sources_sha256(), "prebuilt cubins are stale"
     for spec in PREBUILT_SPECS:
         entry = manifest["kernels"][spec.name]
         assert entry["spill_bytes"] == 0 and entry["stack_bytes"] == 0
-        assert entry["source_sha256"] == compiler.source_sha256(spec), f"{spec.name} is stale"
         assert (PREBUILT_DIR / entry["file"]).read_bytes()[:4] == b"\x7fELF"

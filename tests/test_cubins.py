@@ -67,6 +67,6 @@ def test_prebuilt_shape_never_loads_nvrtc(tmp_path):
 @pytest.mark.skipif(not cubins.prebuilt_manifest()["kernels"], reason="prebuilt cubins not built")
 def test_stale_prebuilt_cubin_is_refused(monkeypatch):
     spec = PREBUILT_SPECS[0]
-    monkeypatch.setattr(compiler, "source_sha256", lambda s: "0" * 64)
+    monkeypatch.setattr(compiler, "sources_sha256", lambda: "0" * 64)
     with pytest.raises(RuntimeError, match=f"prebuilt cubin for {spec.name}.*python build_cubins.py"):
         cubins.load_cubin(spec)
