@@ -37,6 +37,10 @@ VARIANTS = {
     "t256": variant(threads=256),
     "epl8_rpt4": variant(elems_per_lane=8, rows_per_thread=4),
     "epl4_rpt8": variant(elems_per_lane=4, rows_per_thread=8),
+    "rpt2_t64": variant(threads=64, rows_per_thread=2),
+    "epl16_rpt4": variant(elems_per_lane=16, rows_per_thread=4),
+    "epl16_rpt4_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=4),
+    "epl8_rpt4_t64": variant(threads=64, elems_per_lane=8, rows_per_thread=4),
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 HEADS = (16, 32)
