@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_mtp  # noqa: E402
 
-from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, specs  # noqa: E402
+from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, mtp, specs  # noqa: E402
 
 
 def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> dict:
@@ -62,6 +62,7 @@ def main() -> int:
         # The compile cache is keyed by the source files, which a patched tiling leaves alone.
         os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
         driver._kernels.clear()
+        mtp._plans.clear()
         cells = []
         registers = set()
         for point in args.points:
