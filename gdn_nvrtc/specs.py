@@ -32,7 +32,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # (0: none, the compiler's choice). Chosen by T from measurements (benchmarks/NOTES.md): with few
 # tokens the state in flight per thread matters most, with many the arithmetic per row.
 TILINGS = (  # (largest T, tiling)
-    (3, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
+    (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (MAX_TOKENS, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 0}),
 )
 
