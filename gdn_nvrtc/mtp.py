@@ -42,7 +42,7 @@ STATE_DTYPES = {torch.float32: "fp32"}
 INDEX_DTYPES = (torch.int32, torch.int64)
 _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODES.items()}
 _PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
-_POINTER_FIELDS = 13  # PARAM_FIELDS starts with the pointers; the rest is fixed by the plan
+_POINTER_FIELDS = sum(kind == "ptr" for _, kind in PARAM_FIELDS)  # they come first; the plan fixes the rest
 _MAX_GRID = 2**31 - 1
 _MAX_PLANS = 4096
 
@@ -128,7 +128,6 @@ def _report_bad_index(name: str, indices: torch.Tensor, pool_size: int) -> None:
         value = int(indices[where])
         row = where[0] if len(where) == 1 else list(where)
         raise IndexError(f"{name}[{row}] = {value} is out of range for a state pool of {pool_size} slots")
-
 
 
 @dataclass(frozen=True)

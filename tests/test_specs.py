@@ -49,3 +49,5 @@ def test_param_struct_is_all_8_byte_fields():
     assert struct.calcsize(PARAM_STRUCT_FORMAT) == 8 * len(PARAM_FIELDS)
     names = [name for name, _ in PARAM_FIELDS]
     assert len(names) == len(set(names))
+    kinds = [kind for _, kind in PARAM_FIELDS]
+    assert kinds == sorted(kinds, key=lambda kind: kind != "ptr"), "pointers must come first (mtp packs them per call)"
