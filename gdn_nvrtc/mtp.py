@@ -102,6 +102,8 @@ def _need_indices(name: str, x, shape: tuple, meaning: str) -> torch.Tensor:
 
 
 def _check_alignment(pool: torch.Tensor, buffer: torch.Tensor | None) -> None:
+    """The state is moved in 16-byte vectors. Strides are part of a call's plan; addresses are
+    checked on every call."""
     if pool.data_ptr() % 16 or any(s % 4 for s in pool.stride()[:3]):
         raise ValueError(
             "initial_state must be 16-byte aligned, with pool/HV/V strides that are multiples of 4 elements; "
@@ -350,8 +352,9 @@ def gated_delta_rule_mtp(
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
             _plans[key] = plan
-    else:
-        _check_alignment(initial_state, intermediate_states_buffer)
+    elif initial_state.data_ptr() % 16 or (intermediate_states_buffer is not None
+                                             and intermediate_states_buffer.data_ptr() % 16):
+        _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
 
     if plan.warn_default_update and not _warned_default_update:
         warnings.warn(

@@ -280,3 +280,16 @@ def test_index_checking_mode_names_the_bad_entry(argument, row, value):
         gdn_nvrtc.set_index_checking(False)
     assert str(raised.value) == f"{argument}[{row}] = {value} is out of range for a state pool of 8 slots"
     assert same_bits(inputs["initial_state"], before)
+
+
+def test_misaligned_pool_is_refused_after_an_aligned_call_of_the_same_shape():
+    inputs = make_inputs(3, 2, 4, 8, pool_size=4)
+    storage = torch.randn(4 * 8 * 128 * 128 + 4, device="cuda")
+    inputs["initial_state"] = storage[: 4 * 8 * 128 * 128].view(4, 8, 128, 128)
+    gated_delta_rule_mtp(**inputs, disable_state_update=False)  # caches the plan of this signature
+    inputs["initial_state"] = storage[1 : 1 + 4 * 8 * 128 * 128].view(4, 8, 128, 128)  # same shape, 4-byte offset
+    before = storage.clone()
+    with pytest.raises(ValueError, match="initial_state must be 16-byte aligned"):
+        gated_delta_rule_mtp(**inputs, disable_state_update=False)
+    torch.cuda.synchronize()
+    assert same_bits(storage, before)
