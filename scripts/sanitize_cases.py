@@ -1,0 +1,50 @@
+"""Every prebuilt spec in every mode at a small shape, for compute-sanitizer (scripts/sanitize.sh).
+
+Each call also runs against the float64 reference, so a sanitizer-clean run is also a correct one.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import check_call  # noqa: E402
+
+from gdn_nvrtc.reference import make_inputs  # noqa: E402
+from gdn_nvrtc.specs import PREBUILT_SPECS  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("update", "no_update", "buffer", "scatter", "write_slots")
+
+
+def run_case(T: int, dtype: torch.dtype, mode: str) -> None:
+    B, H, HV = 3, 2, 4
+    pool_size = B * (T + 2) + 2
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size)
+    inputs["initial_state_indices"][1] = -1  # a padded row in every case
+    kwargs: dict = {"disable_state_update": mode not in ("update", "scatter", "write_slots")}
+    used = set(inputs["initial_state_indices"].tolist())
+    free = [s for s in range(pool_size) if s not in used]  # slots no row reads
+    if mode == "buffer":
+        kwargs["intermediate_states_buffer"] = torch.full((B, T + 1, HV, 128, 128), float("nan"), device="cuda")
+    elif mode == "scatter":
+        kwargs["ssm_state_indices"] = torch.tensor(free[: B * T], dtype=torch.int32, device="cuda").view(B, T)
+    elif mode == "write_slots":
+        kwargs["output_state_indices"] = torch.tensor([free[0], free[1], pool_size + 5], device="cuda")
+    check_call(inputs, **kwargs)
+
+
+def main() -> int:
+    count = 0
+    for spec in PREBUILT_SPECS:
+        for mode in MODES:
+            run_case(spec.num_tokens, DTYPES[spec.input_dtype], mode)
+            count += 1
+    torch.cuda.synchronize()
+    print(f"{count} cases ({len(PREBUILT_SPECS)} prebuilt specs x {len(MODES)} modes) matched the reference")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
