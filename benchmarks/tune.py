@@ -1,9 +1,11 @@
 """Compare block tilings of the kernel on the GPU (a tuning aid, not part of the package).
 
-    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...]
+    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--template-dir DIR]
 
-Each variant sets gdn_nvrtc.specs.TILING, compiles with NVRTC into a private cache (the
-prebuilt cubins are bypassed) and is timed with bench_mtp's method (graph replay, cold L2).
+Each variant sets the tiling (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped choice by T),
+compiles with NVRTC into a private cache (the prebuilt cubins are bypassed) and is timed with
+bench_mtp's method (graph replay, cold L2). --template-dir compiles another copy of the
+template (e.g. an earlier version) for an A/B comparison in one run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> 
 
 
 VARIANTS = {
+    "by_t": None,
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
@@ -50,15 +53,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--points", nargs="+", default=POINTS)
+    parser.add_argument("--template-dir", type=Path, help="compile this directory's gdn_mtp.cu.j2 instead")
     args = parser.parse_args()
+    if args.template_dir is not None:
+        compiler.template_dir = lambda: args.template_dir
+        compiler._template.cache_clear()
     cubins.prebuilt_manifest.cache_clear()
     cubins.prebuilt_manifest = lambda: {"kernels": {}}  # compile every variant
     bandwidth = bench_mtp.copy_bandwidth()
     generator = torch.Generator(device="cuda").manual_seed(0)
     H, HV = HEADS
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
+    shipped_tiling = specs.tiling_for
     for name in args.variants:
-        specs.tiling_for = lambda num_tokens, tiling=VARIANTS[name]: tiling
+        fixed = VARIANTS[name]
+        specs.tiling_for = shipped_tiling if fixed is None else (lambda num_tokens, tiling=fixed: tiling)
         # The compile cache is keyed by the source files, which a patched tiling leaves alone.
         os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
         driver._kernels.clear()

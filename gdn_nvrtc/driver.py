@@ -82,10 +82,11 @@ def _primary_context(device_index: int) -> int:
 _thread = threading.local()
 
 
-def _parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
-    """A per-thread buffer for the parameter struct and the address of the pointer to it.
+def parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
+    """This thread's buffer for a kernel's parameter struct, and the address to pass to launch().
 
-    cuLaunchKernel copies the parameters before it returns, so the buffer can be reused."""
+    cuLaunchKernel copies the parameters before it returns, so the buffer is reused by every
+    launch of the thread: fill it, launch, and do not keep it."""
     buffer = getattr(_thread, "buffer", None)
     if buffer is None or len(buffer) < size:
         buffer = ctypes.create_string_buffer(size)
@@ -95,12 +96,9 @@ def _parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
     return buffer, _thread.pointers_address
 
 
-def launch(
-    function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: bytes
-) -> None:
-    """Launch function(params) with a 1-D grid on the given stream handle of device_index."""
-    buffer, pointers_address = _parameter_buffer(len(params))
-    ctypes.memmove(buffer, params, len(params))
+def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
+    """Launch function with a 1-D grid on the given stream handle of device_index; params is the
+    address from parameter_buffer(), whose buffer holds the packed parameter struct."""
     context = None
     if stream == _NULL_STREAM:
         context = _primary_context(device_index)
@@ -112,7 +110,7 @@ def launch(
             (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
             check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
     try:
-        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, pointers_address, 0)
+        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
         check(result, "cuLaunchKernel")
     finally:
         if context is not None:

@@ -293,3 +293,39 @@ def test_misaligned_pool_is_refused_after_an_aligned_call_of_the_same_shape():
         gated_delta_rule_mtp(**inputs, disable_state_update=False)
     torch.cuda.synchronize()
     assert same_bits(storage, before)
+
+
+@pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
+def test_strong_decay_over_many_tokens(mode):
+    """alpha ~ 0.1 per token: the decay the kernel folds into the state's scale crosses the point
+    where it is applied to the registers in the middle of the sequence, at different tokens per head."""
+    generator = torch.Generator().manual_seed(7)
+    inputs = make_inputs(5, 8, 4, 8, gate_dtype=torch.float32, pool_size=48)
+    inputs["A_log"].zero_()
+    inputs["dt_bias"].copy_(torch.linspace(0.5, 3.5, 8))  # softplus ~ 1..3.5: alpha ~ 0.3..0.03
+    inputs["a"].uniform_(-0.5, 0.5)
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+
+
+def test_strided_gate_parameters():
+    inputs = make_inputs(4, 3, 4, 8, pool_size=8)
+    inputs["A_log"] = torch.randn(8, 2, device="cuda")[:, 1]  # stride 2
+    inputs["dt_bias"] = torch.randn(8, 3, device="cuda").bfloat16()[:, 2]  # stride 3
+    assert inputs["A_log"].stride(0) == 2 and inputs["dt_bias"].stride(0) == 3
+    check_call(inputs, disable_state_update=False)
+
+
+@pytest.mark.parametrize(
+    "argument,accepted,refused",
+    [("scale", 1.0, True), ("use_qk_l2norm", True, 1), ("disable_state_update", True, 1)],
+)
+def test_refused_argument_types_stay_refused_after_a_cached_call(argument, accepted, refused):
+    inputs = make_inputs(2, 2, 4, 8, pool_size=4)
+    kwargs = {"disable_state_update": False, argument: accepted}
+    gated_delta_rule_mtp(**inputs, **kwargs)  # caches the plan of this signature
+    kwargs[argument] = refused  # equal to the accepted value in Python, but of the wrong type
+    before = inputs["initial_state"].clone()
+    with pytest.raises(TypeError, match=argument):
+        gated_delta_rule_mtp(**inputs, **kwargs)
+    torch.cuda.synchronize()
+    assert same_bits(inputs["initial_state"], before)
