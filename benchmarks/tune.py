@@ -33,6 +33,9 @@ def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> 
 
 VARIANTS = {
     "by_t": None,
+    "by_t_mb0": {"MIN_BLOCKS": 0},  # overrides of the shipped choice by T: the occupancy hint
+    "by_t_mb5": {"MIN_BLOCKS": 5},
+    "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
@@ -66,8 +69,15 @@ def main() -> int:
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
     for name in args.variants:
-        fixed = VARIANTS[name]
-        specs.tiling_for = shipped_tiling if fixed is None else (lambda num_tokens, tiling=fixed: tiling)
+        fixed = dict(VARIANTS[name] or {}) or None
+        driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
+        fixed = fixed or None
+        if fixed is None:
+            specs.tiling_for = shipped_tiling
+        elif "THREADS" not in fixed:  # an override of the shipped choice
+            specs.tiling_for = lambda num_tokens, change=fixed: {**shipped_tiling(num_tokens), **change}
+        else:
+            specs.tiling_for = lambda num_tokens, tiling=fixed: tiling
         # The compile cache is keyed by the source files, which a patched tiling leaves alone.
         os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
         driver._kernels.clear()

@@ -96,6 +96,29 @@ def parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
     return buffer, _thread.pointers_address
 
 
+# Programmatic dependent launch: the kernel may be scheduled while the previous kernel of its
+# stream is still running; its first instruction (griddepcontrol.wait) waits until that kernel
+# has completed and its memory is visible, so the stream order is kept and only the launch
+# latency is hidden. Without the attribute the wait returns at once.
+programmatic_launch = True
+
+
+def _launch_config() -> cu.CUlaunchConfig:
+    """This thread's launch configuration (1-D grid and block, the PDL attribute)."""
+    config = getattr(_thread, "config", None)
+    if config is None:
+        attribute = cu.CUlaunchAttribute()
+        attribute.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        config = cu.CUlaunchConfig()
+        config.gridDimY = config.gridDimZ = config.blockDimY = config.blockDimZ = 1
+        config.sharedMemBytes = 0
+        config.attrs = [attribute]
+        config.numAttrs = 1
+        _thread.config = config
+    return config
+
+
 def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
     """Launch function with a 1-D grid on the given stream handle of device_index; params is the
     address from parameter_buffer(), whose buffer holds the packed parameter struct."""
@@ -110,8 +133,16 @@ def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_i
             (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
             check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
     try:
-        (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
-        check(result, "cuLaunchKernel")
+        if programmatic_launch:
+            config = _launch_config()
+            config.gridDimX = grid
+            config.blockDimX = block
+            config.hStream = stream
+            (result,) = cu.cuLaunchKernelEx(config, function, params, 0)
+            check(result, "cuLaunchKernelEx")
+        else:
+            (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
+            check(result, "cuLaunchKernel")
     finally:
         if context is not None:
             (pop_result, _) = cu.cuCtxPopCurrent()
