@@ -323,16 +323,26 @@ def fla_update(fused_recurrent: Callable[..., Any], kwargs: dict[str, Any]) -> t
     return output
 
 
-def implementations(ours: Callable[..., Any], with_peers: bool) -> tuple[list[Implementation], dict[str, str]]:
-    """Ours and every peer that imports, plus a status line per peer (its version, or why it is missing)."""
+def implementations(
+    ours: Callable[..., Any], with_peers: bool, without: Sequence[str] = ()
+) -> tuple[list[Implementation], dict[str, str]]:
+    """Ours and every peer that imports (less those in without), plus a status line per peer (its
+    version, or why it is missing)."""
     found = [Implementation("ours", lambda kwargs: partial(ours, **kwargs), MODES)]
     if not with_peers:
         return found, {"flashinfer": "skipped (--no-peers)", "fla": "skipped (--no-peers)"}
     status: dict[str, str] = {}
-    flashinfer, status["flashinfer"] = load_flashinfer()
+    flashinfer, fused_recurrent = None, None
+    if "flashinfer" in without:
+        status["flashinfer"] = "skipped (--without flashinfer)"
+    else:
+        flashinfer, status["flashinfer"] = load_flashinfer()
     if flashinfer is not None:
         found.append(Implementation("flashinfer", lambda kwargs: partial(flashinfer, **kwargs), MODES))
-    fused_recurrent, status["fla"] = load_fla()
+    if "fla" in without:
+        status["fla"] = "skipped (--without fla)"
+    else:
+        fused_recurrent, status["fla"] = load_fla()
     if fused_recurrent is not None:
         found.append(Implementation(
             "fla", lambda kwargs: partial(fla_update, fused_recurrent, kwargs), ("update",),
@@ -561,6 +571,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", nargs="+", type=_heads, metavar="H,HV",
                         help=f"q/k and value heads; default {_axis_values(GRID['heads'])}")
     parser.add_argument("--no-peers", action="store_true", help="time only gdn_nvrtc")
+    parser.add_argument("--without", nargs="+", default=[], choices=IMPLEMENTATIONS[1:], help="peers to leave out")
     parser.add_argument("--state-gb", type=float, default=1.0, help="distinct data per graph replay (default 1 GB)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per implementation and point (default 3)")
     parser.add_argument("--min-ms", type=float, default=100.0, help="GPU time per timing (default 100 ms)")
@@ -593,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     progress(f"bench: {card}; measuring copy bandwidth")
     bandwidth = copy_bandwidth()
-    found, status = implementations(gdn_nvrtc.gated_delta_rule_mtp, not args.no_peers)
+    found, status = implementations(gdn_nvrtc.gated_delta_rule_mtp, not args.no_peers, args.without)
     progress("bench: host overhead and first-call latency")
     host = host_overhead(found, make_inputs)
     first_call = first_call_latency(Path(gdn_nvrtc.__file__).resolve().parent)
