@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a Hopper GPU machine, from the repository root, with cubins built (python build_cubins.py)
 # and a wheel in dist/ (python -m build --wheel --no-isolation):
-#   1. the whole test suite, 2. compute-sanitizer memcheck over a representative subset,
-#   3. the wheel in a fresh venv running the demo with NVRTC made unimportable.
+#   1. the whole test suite (tests/test_reliability.py included), 2. the soak (scripts/soak.py:
+#   100,000 random calls, one in 500 checked, GPU memory tracked), 3. compute-sanitizer memcheck over
+#   a representative subset, 4. the wheel in a fresh venv running the demo with NVRTC made unimportable.
 # Logs go to ${OUT:-/tmp}/gpu_check_*.log; the last lines summarise.
 set -uo pipefail
 LOGS=${OUT:-/tmp}
@@ -11,6 +12,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 python3 -m pytest -q -p no:cacheprovider tests >"$LOGS/gpu_check_pytest.log" 2>&1
 echo "pytest (rc=$?): $(tail -n 1 "$LOGS/gpu_check_pytest.log")"
+
+python3 scripts/soak.py >"$LOGS/gpu_check_soak.log" 2>&1
+echo "soak (rc=$?): $(tail -n 1 "$LOGS/gpu_check_soak.log")"
 
 SUBSET="test_write_slots or test_out_of_range or test_strided_pool or test_packed or test_unaligned or test_every_prebuilt or test_fuzz"
 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_mtp.py -k "$SUBSET" \
