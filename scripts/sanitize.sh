@@ -5,7 +5,7 @@ set -uo pipefail
 LOGS=${OUT:-/tmp}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 for tool in memcheck racecheck initcheck synccheck; do
-  compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+  timeout "${SANITIZE_TIMEOUT:-1800}" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
     python3 scripts/sanitize_cases.py >"$LOGS/sanitize_$tool.log" 2>&1
   echo "$tool (rc=$?): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitize_$tool.log" | tail -n 1)" \
        "$(grep -E 'cases' "$LOGS/sanitize_$tool.log" | tail -n 1)"
