@@ -40,3 +40,10 @@ def test_tensors_on_another_device_than_the_current_one():
         inputs = make_inputs(5, 3, 4, 8, pool_size=8, device="cuda:1")
     assert torch.cuda.current_device() == 0
     check_call(inputs, disable_state_update=False)
+
+
+@pytest.mark.parametrize("programmatic", [True, False])
+def test_plain_and_programmatic_launches_agree(monkeypatch, programmatic):
+    monkeypatch.setattr(driver, "programmatic_launch", programmatic)
+    inputs = make_inputs(5, 4, 4, 8, pool_size=12)
+    check_call(inputs, disable_state_update=False)
