@@ -2,7 +2,8 @@
 
     python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--template-dir DIR]
 
-Each variant sets the tiling (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped choice by T),
+Each variant sets the tiling of every kernel (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped
+choice of gdn_nvrtc.specs.choose_spec),
 compiles with NVRTC into a private cache (the prebuilt cubins are bypassed) and is timed with
 bench_mtp's method (graph replay, cold L2). --template-dir compiles another copy of the
 template (e.g. an earlier version) for an A/B comparison in one run.
@@ -47,6 +48,13 @@ VARIANTS = {
     "epl16_rpt4": variant(elems_per_lane=16, rows_per_thread=4),
     "epl16_rpt4_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=4),
     "epl8_rpt4_t64": variant(threads=64, elems_per_lane=8, rows_per_thread=4),
+    "epl16_rpt1": variant(elems_per_lane=16, rows_per_thread=1),
+    "epl8_rpt2": variant(elems_per_lane=8, rows_per_thread=2),
+    "epl4_rpt4": variant(elems_per_lane=4, rows_per_thread=4),
+    "epl16_rpt1_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=1),
+    "epl8_rpt1": variant(elems_per_lane=8, rows_per_thread=1),
+    "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
+    "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 HEADS = (16, 32)
@@ -75,9 +83,11 @@ def main() -> int:
         if fixed is None:
             specs.tiling_for = shipped_tiling
         elif "THREADS" not in fixed:  # an override of the shipped choice
-            specs.tiling_for = lambda num_tokens, change=fixed: {**shipped_tiling(num_tokens), **change}
+            specs.tiling_for = lambda num_tokens, name="wide", change=fixed: {
+                **shipped_tiling(num_tokens, name), **change
+            }
         else:
-            specs.tiling_for = lambda num_tokens, tiling=fixed: tiling
+            specs.tiling_for = lambda num_tokens, name="wide", tiling=fixed: tiling
         # The compile cache is keyed by the source files, which a patched tiling leaves alone.
         os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
         driver._kernels.clear()

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import jinja2
-
 from . import specs
 from .specs import ARCH, FLAGS, PARAM_FIELDS, SCALAR_DTYPE_CODES, KernelSpec
 
@@ -35,7 +33,9 @@ def template_dir() -> Path:
 
 
 @cache
-def _template() -> jinja2.Template:
+def _template():
+    import jinja2  # only when something is rendered: the first call of a prebuilt shape needs no jinja2
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,

@@ -34,7 +34,7 @@ from .specs import (
     PARAM_STRUCT_FORMAT,
     SCALAR_DTYPE_CODES,
     SUPPORTED_HEAD_DIMS,
-    KernelSpec,
+    choose_spec,
 )
 
 INPUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -111,6 +111,11 @@ def _check_alignment(pool: torch.Tensor, buffer: torch.Tensor | None) -> None:
         )
     if buffer is not None and buffer.data_ptr() % 16:
         raise ValueError(f"intermediate_states_buffer must be 16-byte aligned, got address {buffer.data_ptr():#x}")
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @cache
@@ -258,7 +263,11 @@ def _make_plan(
     _check_device(device.index)
 
 
-    spec = KernelSpec(K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype])
+    spec = choose_spec(
+        K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype],
+        writes_states=buffer is not None or scatter_slots is not None, batch_heads=B * HV,
+        sm_count=_sm_count(device.index),
+    )
     grid = B * HV * spec.tiles_per_head
     if grid > _MAX_GRID:
         raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")

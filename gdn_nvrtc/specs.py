@@ -29,17 +29,34 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Chosen by T from measurements (benchmarks/NOTES.md): with few
-# tokens the state in flight per thread matters most, with many the arithmetic per row.
-TILINGS = (  # (largest T, tiling)
+# (0: none, the compiler's choice). Each call picks one of four tilings (choose_spec), from
+# measurements on an H200 (benchmarks/NOTES.md):
+#   wide      large batches in update mode. With few tokens the state in flight per thread
+#             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
+#             (5 blocks per SM) pays once the grid fills the GPU several times over.
+#   uncapped  the wide tiling without that cap, for T = 3-4 grids of less than one capped wave.
+#   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
+#             (B = 1): four times the blocks, a quarter of the token-loop work per thread.
+#   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
+#             which suits a kernel that writes T + 1 states per state read.
+WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
     (MAX_TOKENS, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 0}),
 )
+NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
+TILING_NAMES = ("wide", "uncapped", "narrow", "store")
+STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
-def tiling_for(num_tokens: int) -> dict:
-    return next(tiling for largest, tiling in TILINGS if num_tokens <= largest)
+def tiling_for(num_tokens: int, name: str = "wide") -> dict:
+    if name == "narrow":
+        return dict(NARROW_TILING)
+    if name == "store":
+        return dict(STORE_TILING)
+    wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
+    return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class KernelSpec:
     num_tokens: int
     input_dtype: str
     state_dtype: str = "fp32"
+    tiling_name: str = "wide"
 
     def __post_init__(self) -> None:
         if self.head_dim_k not in SUPPORTED_HEAD_DIMS or self.head_dim_v not in SUPPORTED_HEAD_DIMS:
@@ -63,24 +81,28 @@ class KernelSpec:
             raise ValueError(f"input dtype must be one of {DTYPE_NAMES}, got {self.input_dtype!r}")
         if self.state_dtype not in STATE_DTYPE_NAMES:
             raise ValueError(f"state dtype must be one of {STATE_DTYPE_NAMES}, got {self.state_dtype!r}")
+        if self.tiling_name not in TILING_NAMES:
+            raise ValueError(f"tiling must be one of {TILING_NAMES}, got {self.tiling_name!r}")
 
     @property
     def name(self) -> str:
+        suffix = "" if self.tiling_name == "wide" else f"_{self.tiling_name}"
         return (
             f"gdn_mtp_k{self.head_dim_k}_v{self.head_dim_v}_t{self.num_tokens}"
-            f"_{self.input_dtype}_{self.state_dtype}"
+            f"_{self.input_dtype}_{self.state_dtype}{suffix}"
         )
 
     @classmethod
     def from_name(cls, name: str) -> KernelSpec:
         parts = name.split("_")
-        if len(parts) != 7 or parts[:2] != ["gdn", "mtp"]:
+        if len(parts) not in (7, 8) or parts[:2] != ["gdn", "mtp"] or parts[7:] == ["wide"]:
             raise ValueError(f"not a kernel name: {name!r}")
-        return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6])
+        tiling = parts[7] if len(parts) == 8 else "wide"
+        return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6], tiling)
 
     @property
     def tiling(self) -> dict:
-        return tiling_for(self.num_tokens)
+        return tiling_for(self.num_tokens, self.tiling_name)
 
     @property
     def threads_per_block(self) -> int:
@@ -112,10 +134,40 @@ class KernelSpec:
         return self.head_dim_v // self.rows_per_block
 
 
+def choose_spec(
+    K: int, V: int, T: int, input_dtype: str, state_dtype: str, *, writes_states: bool, batch_heads: int,
+    sm_count: int,
+) -> KernelSpec:
+    """The kernel for a call: its shape, whether it writes per-token states (buffer or scatter),
+    B * HV and the GPU's multiprocessor count (see the tilings above)."""
+    wide = KernelSpec(K, V, T, input_dtype, state_dtype)
+    blocks = batch_heads * wide.tiles_per_head
+    if blocks < sm_count:
+        name = "narrow"
+    elif writes_states and T >= STORE_FROM_TOKENS:
+        name = "store"
+    elif wide.min_blocks_per_sm and blocks < wide.min_blocks_per_sm * sm_count:
+        name = "uncapped"
+    else:
+        return wide
+    return KernelSpec(K, V, T, input_dtype, state_dtype, name)
+
+
+def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
+    """Every tiling choose_spec can pick for T tokens at the prebuilt head dims."""
+    names = ["wide", "narrow"]
+    if tiling_for(num_tokens)["MIN_BLOCKS"]:
+        names.append("uncapped")
+    if num_tokens >= STORE_FROM_TOKENS:
+        names.append("store")
+    return tuple(names)
+
+
 PREBUILT_SPECS = tuple(
-    KernelSpec(PREBUILT_HEAD_DIM, PREBUILT_HEAD_DIM, t, dtype)
+    KernelSpec(PREBUILT_HEAD_DIM, PREBUILT_HEAD_DIM, t, dtype, "fp32", tiling)
     for dtype in DTYPE_NAMES
     for t in PREBUILT_TOKENS
+    for tiling in tilings_chosen(t)
 )
 
 # Codes for the dtypes chosen at run time (a, b, dt_bias).

@@ -1,8 +1,12 @@
 """Every prebuilt spec in every mode at a small shape, for compute-sanitizer (scripts/sanitize.sh).
 
 Each call also runs against the float64 reference, so a sanitizer-clean run is also a correct one.
+Each spec (its tiling included) is forced, whatever the dispatcher would pick for the small shape.
+
+    python scripts/sanitize_cases.py [--tilings NAME ...] [--tokens T ...] [--dtypes bf16 fp16]
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -11,14 +15,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import check_call  # noqa: E402
 
+from gdn_nvrtc import mtp  # noqa: E402
 from gdn_nvrtc.reference import make_inputs  # noqa: E402
-from gdn_nvrtc.specs import PREBUILT_SPECS  # noqa: E402
+from gdn_nvrtc.specs import PREBUILT_SPECS, TILING_NAMES, KernelSpec  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("update", "no_update", "buffer", "scatter", "write_slots")
 
 
-def run_case(T: int, dtype: torch.dtype, mode: str) -> None:
+def run_case(spec: KernelSpec, mode: str) -> None:
+    mtp.choose_spec = lambda *args, **kwargs: spec
+    mtp._plans.clear()
+    mtp._last_plan = ((), None)
+    T, dtype = spec.num_tokens, DTYPES[spec.input_dtype]
     B, H, HV = 3, 2, 4
     pool_size = B * (T + 2) + 2
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size)
@@ -36,13 +45,23 @@ def run_case(T: int, dtype: torch.dtype, mode: str) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tilings", nargs="+", choices=TILING_NAMES, default=list(TILING_NAMES))
+    parser.add_argument("--tokens", nargs="+", type=int)
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    args = parser.parse_args()
+    chosen = [
+        spec for spec in PREBUILT_SPECS
+        if spec.tiling_name in args.tilings and spec.input_dtype in args.dtypes
+        and (args.tokens is None or spec.num_tokens in args.tokens)
+    ]
     count = 0
-    for spec in PREBUILT_SPECS:
+    for spec in chosen:
         for mode in MODES:
-            run_case(spec.num_tokens, DTYPES[spec.input_dtype], mode)
+            run_case(spec, mode)
             count += 1
     torch.cuda.synchronize()
-    print(f"{count} cases ({len(PREBUILT_SPECS)} prebuilt specs x {len(MODES)} modes) matched the reference")
+    print(f"{count} cases ({len(chosen)} prebuilt specs x {len(MODES)} modes) matched the reference")
     return 0
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import check_call, rel_error, same_bits
 
-from gdn_nvrtc import gated_delta_rule_mtp
+from gdn_nvrtc import gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
-from gdn_nvrtc.specs import PREBUILT_HEAD_DIM, PREBUILT_TOKENS
+from gdn_nvrtc.specs import PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -88,6 +88,37 @@ def test_every_prebuilt_spec_allocated_output(T, dtype):
     inputs = make_inputs(5, T, 4, 8, dtype=dtype, pool_size=12)
     inputs["initial_state_indices"][1] = -3
     check_call(inputs, disable_state_update=False)
+
+
+def force_tiling(monkeypatch, tiling: str) -> None:
+    """Make every call use the given tiling, whatever choose_spec would pick (and forget cached plans)."""
+    def forced(K, V, T, dtype, state_dtype, **_):
+        return KernelSpec(K, V, T, dtype, state_dtype, tiling)
+
+    monkeypatch.setattr(mtp, "choose_spec", forced)
+    monkeypatch.setattr(mtp, "_plans", {})
+    monkeypatch.setattr(mtp, "_last_plan", ((), None))
+
+
+@pytest.mark.parametrize("tiling", TILING_NAMES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("mode", ["update", "no_update", "buffer", "scatter"])
+def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
+    force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, T, mode)) % 2**31)
+    inputs = make_inputs(5, T, 16, 32, pool_size=5 * (T + 2) + 2, generator=generator)
+    inputs["initial_state_indices"][2] = -1
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+
+
+@pytest.mark.parametrize("tiling", TILING_NAMES)
+@pytest.mark.parametrize("K,V", FALLBACK_KV)
+def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
+    force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, K, V)) % 2**31)
+    inputs = make_inputs(3, 3, 2, 4, K, V, pool_size=9, generator=generator)
+    check_call(inputs, **mode_kwargs("buffer", inputs, generator))
+    check_call(inputs, **mode_kwargs("update", inputs, generator))
 
 
 def test_write_slots_with_padding():

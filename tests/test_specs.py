@@ -8,8 +8,12 @@ from gdn_nvrtc.specs import (
     PARAM_STRUCT_FORMAT,
     PREBUILT_SPECS,
     SUPPORTED_HEAD_DIMS,
+    TILING_NAMES,
     KernelSpec,
+    choose_spec,
 )
+
+SMS = 132
 
 
 def test_prebuilt_table():
@@ -19,11 +23,39 @@ def test_prebuilt_table():
     assert len({s.name for s in PREBUILT_SPECS}) == len(PREBUILT_SPECS)
 
 
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_every_spec_chosen_for_a_prebuilt_shape_is_prebuilt(T, dtype):
+    chosen = {
+        choose_spec(128, 128, T, dtype, "fp32", writes_states=writes, batch_heads=bh, sm_count=sms)
+        for writes in (False, True)
+        for bh in [1, 2, 8, 31, 32, 33, 64, 65, 100, 129, 256, 330, 331, 1024, 8192, 2**20]
+        for sms in (78, 114, 132, 144)
+    }
+    assert chosen <= set(PREBUILT_SPECS)
+
+
+def test_choice_of_tiling():
+    def pick(T, writes, batch_heads):
+        return choose_spec(128, 128, T, "bf16", "fp32", writes_states=writes, batch_heads=batch_heads,
+                           sm_count=SMS).tiling_name
+
+    # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
+    assert [pick(T, writes, 32) for T in (2, 4, 8) for writes in (False, True)] == ["narrow"] * 6
+    # Per-token states at T >= 3 once the grid is full; at T <= 2 the wide tiling keeps them.
+    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 8)] == ["wide", "store", "store", "store"]
+    # T = 3-4 in update mode: the 96-register cap only once the grid holds more than one capped wave.
+    assert pick(4, False, 8 * 32) == "uncapped"  # 512 blocks < 5 * 132
+    assert pick(4, False, 32 * 32) == "wide"
+    assert pick(8, False, 8 * 32) == "wide" and pick(2, False, 8 * 32) == "wide"
+
+
 @pytest.mark.parametrize("K", SUPPORTED_HEAD_DIMS)
 @pytest.mark.parametrize("V", SUPPORTED_HEAD_DIMS)
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
-def test_name_round_trip_and_tiling(K, V, T):
-    spec = KernelSpec(K, V, T, "fp16")
+@pytest.mark.parametrize("tiling", TILING_NAMES)
+def test_name_round_trip_and_tiling(K, V, T, tiling):
+    spec = KernelSpec(K, V, T, "fp16", "fp32", tiling)
     assert KernelSpec.from_name(spec.name) == spec
     assert spec.rows_per_block * spec.tiles_per_head == V
     assert spec.rows_per_block * spec.lanes_per_row <= spec.threads_per_block * spec.rows_per_thread
@@ -40,9 +72,12 @@ def test_unsupported_specs_are_rejected(args):
         KernelSpec(*args)
 
 
-def test_from_name_rejects_other_names():
+@pytest.mark.parametrize(
+    "name", ["gdn_decode_k128", "gdn_mtp_k128_v128_t4_bf16_fp32_wide", "gdn_mtp_k128_v128_t4_bf16_fp32_tall"]
+)
+def test_from_name_rejects_other_names(name):
     with pytest.raises(ValueError):
-        KernelSpec.from_name("gdn_decode_k128")
+        KernelSpec.from_name(name)
 
 
 def test_param_struct_is_all_8_byte_fields():
