@@ -33,10 +33,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
-#             (5 blocks per SM) pays once the grid fills the GPU several times over.
+#             (5 blocks per SM) pays once the grid is larger than one wave of such blocks.
 #   uncapped  the wide tiling without that cap, for T = 3-4 grids of less than one capped wave.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
-#             (B = 1): four times the blocks, a quarter of the token-loop work per thread.
+#             (B = 1): two (T <= 2) or four times the blocks, less token-loop work per thread.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
 WIDE_TILINGS = (  # (largest T, tiling)
