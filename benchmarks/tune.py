@@ -55,6 +55,9 @@ VARIANTS = {
     "epl8_rpt1": variant(elems_per_lane=8, rows_per_thread=1),
     "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
     "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),
+    # One tile per head at K = V = 128 (the q/k normalisation and gates once per head, not twice).
+    "t256_epl16_rpt4": variant(threads=256, elems_per_lane=16, rows_per_thread=4),
+    "t256_rpt2": variant(threads=256, rows_per_thread=2),
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 HEADS = (16, 32)
