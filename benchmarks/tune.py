@@ -94,7 +94,7 @@ def main() -> int:
         # The compile cache is keyed by the source files, which a patched tiling leaves alone.
         os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
         driver._kernels.clear()
-        mtp._plans.clear()
+        mtp.forget_plans()  # a plan holds its kernel: the last one must not outlive the variant
         cells = []
         registers = set()
         for point in args.points:

@@ -157,6 +157,14 @@ _plans: dict[tuple, _Plan] = {}
 _last_plan: tuple = ((), None)  # (key, plan) of the latest call: consecutive calls usually share it
 
 
+def forget_plans() -> None:
+    """Drop every cached plan (the next call of each signature re-checks and re-chooses its kernel);
+    for tests and tuning that change the kernel choice or reload cubins."""
+    global _last_plan
+    _plans.clear()
+    _last_plan = ((), None)
+
+
 def _describe(x) -> tuple | None:
     return None if x is None else (x.shape, x.stride(), x.dtype, x.get_device())
 
@@ -261,7 +269,6 @@ def _make_plan(
     if device.type != "cuda":
         raise ValueError(f"the tensors must be on a CUDA device, got {device}")
     _check_device(device.index)
-
 
     spec = choose_spec(
         K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype],

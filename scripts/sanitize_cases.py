@@ -25,8 +25,7 @@ MODES = ("update", "no_update", "buffer", "scatter", "write_slots")
 
 def run_case(spec: KernelSpec, mode: str) -> None:
     mtp.choose_spec = lambda *args, **kwargs: spec
-    mtp._plans.clear()
-    mtp._last_plan = ((), None)
+    mtp.forget_plans()
     T, dtype = spec.num_tokens, DTYPES[spec.input_dtype]
     B, H, HV = 3, 2, 4
     pool_size = B * (T + 2) + 2

@@ -96,6 +96,8 @@ def force_tiling(monkeypatch, tiling: str) -> None:
         return KernelSpec(K, V, T, dtype, state_dtype, tiling)
 
     monkeypatch.setattr(mtp, "choose_spec", forced)
+    # Fresh caches for the test, and the previous ones back afterwards: no plan of a forced tiling
+    # outlives it.
     monkeypatch.setattr(mtp, "_plans", {})
     monkeypatch.setattr(mtp, "_last_plan", ((), None))
 

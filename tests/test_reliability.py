@@ -218,8 +218,7 @@ def worker_call_shape(call: int) -> tuple[int, torch.dtype]:
 def forget_loaded_kernels() -> None:
     """The next call of every spec loads its cubin again, as in a fresh process."""
     driver._kernels.clear()
-    mtp._plans.clear()
-    mtp._last_plan = ((), None)
+    mtp.forget_plans()
 
 
 def test_threads_on_two_gpus_race_the_first_loads():
