@@ -66,6 +66,13 @@ def kernel(spec: KernelSpec) -> cu.CUfunction:
     return function
 
 
+def blocks_per_sm(function: cu.CUfunction, block: int) -> int:
+    """How many blocks of the kernel fit on one multiprocessor at once (registers, shared memory)."""
+    result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, 0)
+    check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    return int(count)
+
+
 def _primary_context(device_index: int) -> int:
     context = _contexts.get(device_index)
     if context is None:

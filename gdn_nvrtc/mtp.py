@@ -48,6 +48,7 @@ _MAX_PLANS = 4096
 
 _check_indices = os.environ.get("GDN_NVRTC_CHECK_INDICES", "0") not in ("", "0")
 _warned_default_update = False
+stagger = (0.0, 0)  # EXPERIMENT: (fraction of the first wave, ns) delayed at start
 
 
 def set_index_checking(enabled: bool) -> None:
@@ -279,6 +280,13 @@ def _make_plan(
     if grid > _MAX_GRID:
         raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
 
+    kernel = driver.kernel(spec) if B else None
+    stagger_blocks = 0
+    if kernel is not None and stagger[0] and not spec.uses_mma:
+        wave = driver.blocks_per_sm(kernel, spec.threads_per_block) * _sm_count(device.index)
+        if grid > 2 * wave:
+            stagger_blocks = int(wave * stagger[0])
+
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
     if output is None:
         out_strides = (T * HV * V, HV * V, V)
@@ -313,10 +321,10 @@ def _make_plan(
         "scatter_is64": scatter_slots is not None and scatter_slots.dtype == torch.int64,
         "a_dtype": _SCALAR_DTYPES[a.dtype], "b_dtype": _SCALAR_DTYPES[b.dtype],
         "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
-        "flags": flags, "scale": float(scale),
+        "stagger_blocks": stagger_blocks, "stagger_ns": stagger[1], "flags": flags, "scale": float(scale),
     }
     return _Plan(
-        kernel=driver.kernel(spec) if B else None,
+        kernel=kernel,
         device=device,
         device_index=device.index,
         grid=grid,

@@ -46,7 +46,9 @@ WIDE_TILINGS = (  # (largest T, tiling)
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-TILING_NAMES = ("wide", "uncapped", "narrow", "store")
+MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 0}
+MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -55,6 +57,8 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "store":
         return dict(STORE_TILING)
+    if name == "mma":
+        return dict(MMA_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
@@ -83,6 +87,11 @@ class KernelSpec:
             raise ValueError(f"state dtype must be one of {STATE_DTYPE_NAMES}, got {self.state_dtype!r}")
         if self.tiling_name not in TILING_NAMES:
             raise ValueError(f"tiling must be one of {TILING_NAMES}, got {self.tiling_name!r}")
+        if self.uses_mma and self.head_dim_k > MMA_MAX_HEAD_DIM_K:
+            raise ValueError(
+                f"the mma tiling supports K <= {MMA_MAX_HEAD_DIM_K} (a lane holds K / 2 state values), "
+                f"got K={self.head_dim_k}"
+            )
 
     @property
     def name(self) -> str:
@@ -109,13 +118,22 @@ class KernelSpec:
         return self.tiling["THREADS"]
 
     @property
+    def uses_mma(self) -> bool:
+        """The chunk-form kernel whose state products run on the tensor cores (16 rows per warp)."""
+        return bool(self.tiling.get("MMA"))
+
+    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values)."""
+        if self.uses_mma:
+            return 4
         return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
+        if self.uses_mma:
+            return 2
         groups = self.threads_per_block // self.lanes_per_row
         return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
@@ -127,6 +145,8 @@ class KernelSpec:
 
     @property
     def rows_per_block(self) -> int:
+        if self.uses_mma:
+            return 16 * (self.threads_per_block // 32)
         return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
@@ -200,6 +220,6 @@ PARAM_FIELDS = (
     ("read_s", "i64"), ("write_s", "i64"), ("scatter_sb", "i64"), ("scatter_st", "i64"),
     ("read_is64", "i64"), ("write_is64", "i64"), ("scatter_is64", "i64"),
     ("a_dtype", "i64"), ("b_dtype", "i64"), ("dt_bias_dtype", "i64"),
-    ("flags", "i64"), ("scale", "f64"),
+    ("stagger_blocks", "i64"), ("stagger_ns", "i64"), ("flags", "i64"), ("scale", "f64"),
 )
 PARAM_STRUCT_FORMAT = "<" + "".join({"ptr": "Q", "i64": "q", "f64": "d"}[kind] for _, kind in PARAM_FIELDS)

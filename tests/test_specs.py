@@ -4,6 +4,7 @@ import pytest
 
 from gdn_nvrtc.specs import (
     MAX_TOKENS,
+    MMA_MAX_HEAD_DIM_K,
     PARAM_FIELDS,
     PARAM_STRUCT_FORMAT,
     PREBUILT_SPECS,
@@ -55,6 +56,10 @@ def test_choice_of_tiling():
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
 @pytest.mark.parametrize("tiling", TILING_NAMES)
 def test_name_round_trip_and_tiling(K, V, T, tiling):
+    if tiling == "mma" and K > MMA_MAX_HEAD_DIM_K:
+        with pytest.raises(ValueError, match="mma tiling supports K <= 128"):
+            KernelSpec(K, V, T, "fp16", "fp32", tiling)
+        return
     spec = KernelSpec(K, V, T, "fp16", "fp32", tiling)
     assert KernelSpec.from_name(spec.name) == spec
     assert spec.rows_per_block * spec.tiles_per_head == V
