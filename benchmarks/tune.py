@@ -37,12 +37,9 @@ VARIANTS = {
     "by_t_mb0": {"MIN_BLOCKS": 0},  # overrides of the shipped choice by T: the occupancy hint
     "by_t_mb5": {"MIN_BLOCKS": 5},
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
-    "stag_h2": {"STAGGER": (0.5, 2000)},
-    "stag_h4": {"STAGGER": (0.5, 4000)},
-    "stag_h6": {"STAGGER": (0.5, 6000)},
-    "stag_q3": {"STAGGER": (0.25, 3000)},
-    "stag_h8": {"STAGGER": (0.5, 8000)},
-    "stag_h10": {"STAGGER": (0.5, 10000)},
+    "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
+    "by_t_delay3us": {"DELAY_NS": 3000},  # specs.start_delay with another delay
+    "by_t_delay9us": {"DELAY_NS": 9000},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
@@ -64,13 +61,6 @@ VARIANTS = {
     # One tile per head at K = V = 128 (the q/k normalisation and gates once per head, not twice).
     "t256_epl16_rpt4": variant(threads=256, elems_per_lane=16, rows_per_thread=4),
     "t256_rpt2": variant(threads=256, rows_per_thread=2),
-    # The chunk-form kernel on the tensor cores, 16 rows per warp.
-    "mma": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 0},
-    "mma_t64": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},
-    "mma_t32": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},
-    "mma_t256": {"THREADS": 256, "MMA": 1, "MIN_BLOCKS": 0},
-    "mma_mb4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},
-    "mma_mb5": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 5},
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 HEADS = (16, 32)
@@ -92,10 +82,12 @@ def main() -> int:
     H, HV = HEADS
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
+    shipped_delay_ns = specs.STAGGER_NS
     for name in args.variants:
         fixed = dict(VARIANTS[name] or {}) or None
         driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
-        mtp.stagger = fixed.pop("STAGGER", (0.0, 0)) if fixed else (0.0, 0)
+        mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
+        specs.STAGGER_NS = fixed.pop("DELAY_NS", shipped_delay_ns) if fixed else shipped_delay_ns
         fixed = fixed or None
         if fixed is None:
             specs.tiling_for = shipped_tiling

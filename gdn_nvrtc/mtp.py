@@ -35,6 +35,7 @@ from .specs import (
     SCALAR_DTYPE_CODES,
     SUPPORTED_HEAD_DIMS,
     choose_spec,
+    start_delay,
 )
 
 INPUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -48,7 +49,7 @@ _MAX_PLANS = 4096
 
 _check_indices = os.environ.get("GDN_NVRTC_CHECK_INDICES", "0") not in ("", "0")
 _warned_default_update = False
-stagger = (0.0, 0)  # EXPERIMENT: (fraction of the first wave, ns) delayed at start
+start_delays = True  # specs.start_delay; benchmarks/tune.py turns it off for comparison
 
 
 def set_index_checking(enabled: bool) -> None:
@@ -271,9 +272,10 @@ def _make_plan(
         raise ValueError(f"the tensors must be on a CUDA device, got {device}")
     _check_device(device.index)
 
+    writes_states = buffer is not None or scatter_slots is not None
     spec = choose_spec(
         K, V, T, INPUT_DTYPES[q.dtype], STATE_DTYPES[pool.dtype],
-        writes_states=buffer is not None or scatter_slots is not None, batch_heads=B * HV,
+        writes_states=writes_states, batch_heads=B * HV,
         sm_count=_sm_count(device.index),
     )
     grid = B * HV * spec.tiles_per_head
@@ -281,11 +283,10 @@ def _make_plan(
         raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
 
     kernel = driver.kernel(spec) if B else None
-    stagger_blocks = 0
-    if kernel is not None and stagger[0] and not spec.uses_mma:
+    stagger_blocks, stagger_ns = 0, 0
+    if kernel is not None and start_delays:
         wave = driver.blocks_per_sm(kernel, spec.threads_per_block) * _sm_count(device.index)
-        if grid > 2 * wave:
-            stagger_blocks = int(wave * stagger[0])
+        stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
 
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
     if output is None:
@@ -321,7 +322,7 @@ def _make_plan(
         "scatter_is64": scatter_slots is not None and scatter_slots.dtype == torch.int64,
         "a_dtype": _SCALAR_DTYPES[a.dtype], "b_dtype": _SCALAR_DTYPES[b.dtype],
         "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
-        "stagger_blocks": stagger_blocks, "stagger_ns": stagger[1], "flags": flags, "scale": float(scale),
+        "stagger_blocks": stagger_blocks, "stagger_ns": stagger_ns, "flags": flags, "scale": float(scale),
     }
     return _Plan(
         kernel=kernel,

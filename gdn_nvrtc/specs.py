@@ -46,9 +46,7 @@ WIDE_TILINGS = (  # (largest T, tiling)
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 0}
-MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma")
+TILING_NAMES = ("wide", "uncapped", "narrow", "store")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -57,8 +55,6 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "store":
         return dict(STORE_TILING)
-    if name == "mma":
-        return dict(MMA_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
@@ -87,11 +83,6 @@ class KernelSpec:
             raise ValueError(f"state dtype must be one of {STATE_DTYPE_NAMES}, got {self.state_dtype!r}")
         if self.tiling_name not in TILING_NAMES:
             raise ValueError(f"tiling must be one of {TILING_NAMES}, got {self.tiling_name!r}")
-        if self.uses_mma and self.head_dim_k > MMA_MAX_HEAD_DIM_K:
-            raise ValueError(
-                f"the mma tiling supports K <= {MMA_MAX_HEAD_DIM_K} (a lane holds K / 2 state values), "
-                f"got K={self.head_dim_k}"
-            )
 
     @property
     def name(self) -> str:
@@ -118,22 +109,13 @@ class KernelSpec:
         return self.tiling["THREADS"]
 
     @property
-    def uses_mma(self) -> bool:
-        """The chunk-form kernel whose state products run on the tensor cores (16 rows per warp)."""
-        return bool(self.tiling.get("MMA"))
-
-    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values)."""
-        if self.uses_mma:
-            return 4
         return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
-        if self.uses_mma:
-            return 2
         groups = self.threads_per_block // self.lanes_per_row
         return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
@@ -145,8 +127,6 @@ class KernelSpec:
 
     @property
     def rows_per_block(self) -> int:
-        if self.uses_mma:
-            return 16 * (self.threads_per_block // 32)
         return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
@@ -171,6 +151,25 @@ def choose_spec(
     else:
         return wide
     return KernelSpec(K, V, T, input_dtype, state_dtype, name)
+
+
+# Start delay (measured on an H100 and an H200, benchmarks/NOTES.md): in update mode at T >= 4,
+# the blocks of one wave load their states together and then compute together, so DRAM idles
+# while they compute and the next wave repeats it. Delaying half of the first wave by about half a
+# block's lifetime offsets two cohorts for the rest of the kernel. Only for grids of more than two
+# waves, where the one-time delay is paid back; per-token-state calls did not gain.
+STAGGER_FROM_TOKENS = 4
+STAGGER_FRACTION = 0.5  # of the first wave
+STAGGER_NS = 6000
+STAGGER_MIN_WAVES = 2
+
+
+def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) -> tuple[int, int]:
+    """(blocks, ns): the kernel's first `blocks` blocks sleep about ns at their start; wave is
+    how many blocks of the kernel the GPU holds at once."""
+    if writes_states or spec.num_tokens < STAGGER_FROM_TOKENS or grid <= STAGGER_MIN_WAVES * wave:
+        return 0, 0
+    return int(wave * STAGGER_FRACTION), STAGGER_NS
 
 
 def tilings_chosen(num_tokens: int) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from helpers import check_call, rel_error, same_bits
 
 from gdn_nvrtc import gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
-from gdn_nvrtc.specs import MMA_MAX_HEAD_DIM_K, PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
+from gdn_nvrtc.specs import PARAM_FIELDS, PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -113,17 +113,27 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
 
 
-@pytest.mark.parametrize(
-    "tiling,K,V",
-    [(tiling, K, V) for tiling in TILING_NAMES for K, V in FALLBACK_KV
-     if not (tiling == "mma" and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
-)
+@pytest.mark.parametrize("tiling", TILING_NAMES)
+@pytest.mark.parametrize("K,V", FALLBACK_KV)
 def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     force_tiling(monkeypatch, tiling)
     generator = torch.Generator().manual_seed(hash((tiling, K, V)) % 2**31)
     inputs = make_inputs(3, 3, 2, 4, K, V, pool_size=9, generator=generator)
     check_call(inputs, **mode_kwargs("buffer", inputs, generator))
     check_call(inputs, **mode_kwargs("update", inputs, generator))
+
+
+@pytest.mark.parametrize("T", [4, 8])
+def test_start_delay_is_correct(T):
+    """A grid of more than two waves in update mode, where part of the first wave starts late."""
+    generator = torch.Generator().manual_seed(T)
+    inputs = make_inputs(40, T, 16, 32, pool_size=45, generator=generator)
+    inputs["initial_state_indices"][7] = -1
+    mtp.forget_plans()
+    check_call(inputs, disable_state_update=False)
+    (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= 40 * 32]
+    fixed = dict(zip([name for name, _ in PARAM_FIELDS[-len(plan.fixed_params):]], plan.fixed_params, strict=True))
+    assert fixed["stagger_blocks"] > 0 and fixed["stagger_ns"] > 0  # the delay was in effect
 
 
 def test_write_slots_with_padding():

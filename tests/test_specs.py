@@ -4,14 +4,15 @@ import pytest
 
 from gdn_nvrtc.specs import (
     MAX_TOKENS,
-    MMA_MAX_HEAD_DIM_K,
     PARAM_FIELDS,
     PARAM_STRUCT_FORMAT,
     PREBUILT_SPECS,
+    STAGGER_NS,
     SUPPORTED_HEAD_DIMS,
     TILING_NAMES,
     KernelSpec,
     choose_spec,
+    start_delay,
 )
 
 SMS = 132
@@ -56,10 +57,6 @@ def test_choice_of_tiling():
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
 @pytest.mark.parametrize("tiling", TILING_NAMES)
 def test_name_round_trip_and_tiling(K, V, T, tiling):
-    if tiling == "mma" and K > MMA_MAX_HEAD_DIM_K:
-        with pytest.raises(ValueError, match="mma tiling supports K <= 128"):
-            KernelSpec(K, V, T, "fp16", "fp32", tiling)
-        return
     spec = KernelSpec(K, V, T, "fp16", "fp32", tiling)
     assert KernelSpec.from_name(spec.name) == spec
     assert spec.rows_per_block * spec.tiles_per_head == V
@@ -91,3 +88,14 @@ def test_param_struct_is_all_8_byte_fields():
     assert len(names) == len(set(names))
     kinds = [kind for _, kind in PARAM_FIELDS]
     assert kinds == sorted(kinds, key=lambda kind: kind != "ptr"), "pointers must come first (mtp packs them per call)"
+
+
+def test_start_delay_policy():
+    wave = 5 * SMS
+    for T in (1, 3, 4, 8):
+        spec = KernelSpec(128, 128, T, "bf16")
+        for writes in (False, True):
+            for grid in (wave, 2 * wave, 2 * wave + 1, 40 * wave):
+                delayed = not writes and T >= 4 and grid > 2 * wave
+                expected = (wave // 2, STAGGER_NS) if delayed else (0, 0)
+                assert start_delay(spec, writes_states=writes, grid=grid, wave=wave) == expected, (T, writes, grid)
