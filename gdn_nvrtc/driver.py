@@ -66,11 +66,6 @@ def kernel(spec: KernelSpec) -> cu.CUfunction:
     return function
 
 
-def blocks_per_sm(function: cu.CUfunction, block: int) -> int:
-    """How many blocks of the kernel fit on one multiprocessor at once (registers, shared memory)."""
-    result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, 0)
-    check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-    return int(count)
 
 
 def _primary_context(device_index: int) -> int:
@@ -84,6 +79,38 @@ def _primary_context(device_index: int) -> int:
             check(result, f"retaining the primary context of cuda:{device_index}")
             context = _contexts[device_index] = int(handle)
     return context
+
+
+def _make_current(device_index: int) -> bool:
+    """Push the primary context of cuda:device_index unless it is already current; True when
+    pushed (then _pop_current() afterwards)."""
+    context = _primary_context(device_index)
+    result, current = cu.cuCtxGetCurrent()
+    check(result, "cuCtxGetCurrent")
+    if int(current) == context:
+        return False
+    (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
+    check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
+    return True
+
+
+def _pop_current() -> None:
+    (result, _) = cu.cuCtxPopCurrent()
+    check(result, "cuCtxPopCurrent")
+
+
+def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int:
+    """How many blocks of the kernel fit on one multiprocessor of cuda:device_index at once
+    (registers, shared memory). The query runs in that device's context, which the calling
+    thread need not have current."""
+    pushed = _make_current(device_index)
+    try:
+        result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, 0)
+        check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    finally:
+        if pushed:
+            _pop_current()
+    return int(count)
 
 
 _thread = threading.local()
@@ -129,16 +156,7 @@ def _launch_config() -> cu.CUlaunchConfig:
 def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
     """Launch function with a 1-D grid on the given stream handle of device_index; params is the
     address from parameter_buffer(), whose buffer holds the packed parameter struct."""
-    context = None
-    if stream == _NULL_STREAM:
-        context = _primary_context(device_index)
-        result, current = cu.cuCtxGetCurrent()
-        check(result, "cuCtxGetCurrent")
-        if int(current) == context:
-            context = None
-        else:
-            (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
-            check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
+    pushed = stream == _NULL_STREAM and _make_current(device_index)
     try:
         if programmatic_launch:
             config = _launch_config()
@@ -151,6 +169,5 @@ def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_i
             (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
             check(result, "cuLaunchKernel")
     finally:
-        if context is not None:
-            (pop_result, _) = cu.cuCtxPopCurrent()
-            check(pop_result, "cuCtxPopCurrent")
+        if pushed:
+            _pop_current()

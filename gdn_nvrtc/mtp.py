@@ -285,7 +285,7 @@ def _make_plan(
     kernel = driver.kernel(spec) if B else None
     stagger_blocks, stagger_ns = 0, 0
     if kernel is not None and start_delays:
-        wave = driver.blocks_per_sm(kernel, spec.threads_per_block) * _sm_count(device.index)
+        wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
         stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
 
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0

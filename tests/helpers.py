@@ -46,8 +46,9 @@ def written_slots(inputs: dict, kwargs: dict) -> set[int]:
     return slots
 
 
-def check_call(inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the kernel, compare with the reference; return (output, pool)."""
+def check_call(inputs: dict, *, call=gated_delta_rule_mtp, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the kernel (through `call`, which takes gated_delta_rule_mtp's arguments), compare with
+    the reference; return (output, pool)."""
     pool = inputs["initial_state"]
     pool_size = pool.shape[0]
     B, T = inputs["q"].shape[:2]
@@ -58,7 +59,7 @@ def check_call(inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     buffer_before = None if buffer is None else buffer.clone()
     ref_out, ref_pool, ref_buf = gated_delta_rule_mtp_reference(**inputs, **kwargs)
 
-    out, returned_pool = gated_delta_rule_mtp(**inputs, **kwargs)
+    out, returned_pool = call(**inputs, **kwargs)
     torch.cuda.synchronize()
     assert returned_pool is pool
     if output is not None:

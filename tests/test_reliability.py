@@ -221,6 +221,37 @@ def forget_loaded_kernels() -> None:
     mtp.forget_plans()
 
 
+@pytest.mark.parametrize("B", [2, 40])  # 40: a grid of more than two waves, where the start delay is set
+def test_first_call_in_a_thread_without_a_current_context(B):
+    """The plan (its occupancy query included) and the launch of a new signature, made in a thread
+    whose current CUDA context is none."""
+    from cuda.bindings import driver as cu
+
+    def in_fresh_thread(**kwargs):
+        box = {}
+
+        def run():
+            try:
+                (result,) = cu.cuCtxSetCurrent(cu.CUcontext(0))
+                assert result == cu.CUresult.CUDA_SUCCESS
+                box["returned"] = gated_delta_rule_mtp(**kwargs)
+            except BaseException as error:  # re-raised in the test's thread
+                box["error"] = error
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the call did not return in 5 minutes"
+        if "error" in box:
+            raise box["error"]
+        return box["returned"]
+
+    mtp.forget_plans()
+    inputs = make_inputs(B, 8, 16, 32, pool_size=B + 3, generator=torch.Generator().manual_seed(B))
+    output = torch.full((B, 8, 32, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    check_call(inputs, call=in_fresh_thread, disable_state_update=False, output=output)
+
+
 def test_threads_on_two_gpus_race_the_first_loads():
     need_hopper(1)
     forget_loaded_kernels()
