@@ -66,8 +66,6 @@ def kernel(spec: KernelSpec) -> cu.CUfunction:
     return function
 
 
-
-
 def _primary_context(device_index: int) -> int:
     context = _contexts.get(device_index)
     if context is None:
