@@ -1,6 +1,6 @@
 """Compare block tilings of the kernel on the GPU (a tuning aid, not part of the package).
 
-    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--template-dir DIR]
+    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--heads H,HV] [--template-dir DIR]
 
 Each variant sets the tiling of every kernel (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped
 choice of gdn_nvrtc.specs.choose_spec),
@@ -63,7 +63,6 @@ VARIANTS = {
     "t256_rpt2": variant(threads=256, rows_per_thread=2),
 }
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
-HEADS = (16, 32)
 
 
 def main() -> int:
@@ -71,6 +70,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--points", nargs="+", default=POINTS)
     parser.add_argument("--template-dir", type=Path, help="compile this directory's gdn_mtp.cu.j2 instead")
+    parser.add_argument("--heads", default="16,32", help="H,HV (default 16,32)")
     args = parser.parse_args()
     if args.template_dir is not None:
         compiler.template_dir = lambda: args.template_dir
@@ -79,7 +79,7 @@ def main() -> int:
     cubins.prebuilt_manifest = lambda: {"kernels": {}}  # compile every variant
     bandwidth = bench_mtp.copy_bandwidth()
     generator = torch.Generator(device="cuda").manual_seed(0)
-    H, HV = HEADS
+    H, HV = (int(x) for x in args.heads.split(","))
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
     shipped_delay_ns = specs.STAGGER_NS
