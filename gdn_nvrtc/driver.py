@@ -114,17 +114,24 @@ def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int
 _thread = threading.local()
 
 
-def parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
-    """This thread's buffer for a kernel's parameter struct, and the address to pass to launch().
+def parameter_buffer(size: int, tail: bytes) -> tuple[ctypes.Array, int]:
+    """This thread's buffer for a kernel's parameter struct of `size` bytes whose last len(tail)
+    bytes are `tail`, and the address to pass to launch(); the caller packs the rest.
 
     cuLaunchKernel copies the parameters before it returns, so the buffer is reused by every
-    launch of the thread: fill it, launch, and do not keep it."""
+    launch of the thread: fill it, launch, and do not keep it. The tail is copied in only when
+    it is not the bytes object the buffer last received (a call's fixed parameters are usually
+    those of the previous call)."""
     buffer = getattr(_thread, "buffer", None)
-    if buffer is None or len(buffer) < size:
+    if buffer is None or len(buffer) != size:
         buffer = ctypes.create_string_buffer(size)
         _thread.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
         _thread.buffer = buffer
         _thread.pointers_address = ctypes.addressof(_thread.pointers)
+        _thread.tail = None
+    if _thread.tail is not tail:
+        buffer[size - len(tail):] = tail
+        _thread.tail = tail
     return buffer, _thread.pointers_address
 
 
@@ -134,21 +141,36 @@ def parameter_buffer(size: int) -> tuple[ctypes.Array, int]:
 # latency is hidden. Without the attribute the wait returns at once.
 programmatic_launch = True
 
+# Launch configurations by (grid, block, stream): a CUlaunchConfig costs about 1 us to fill per
+# launch through the bindings, and serving calls repeat a few shapes on one stream. They are
+# never modified once stored, so threads may share them.
+_configs: dict[tuple[int, int, int], cu.CUlaunchConfig] = {}
+_MAX_CONFIGS = 1024
 
-def _launch_config() -> cu.CUlaunchConfig:
-    """This thread's launch configuration (1-D grid and block, the PDL attribute)."""
-    config = getattr(_thread, "config", None)
+
+def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
+    """A 1-D launch configuration with the PDL attribute."""
+    key = (grid, block, stream)
+    config = _configs.get(key)
     if config is None:
         attribute = cu.CUlaunchAttribute()
         attribute.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         attribute.value.programmaticStreamSerializationAllowed = 1
         config = cu.CUlaunchConfig()
+        config.gridDimX = grid
+        config.blockDimX = block
+        config.hStream = stream
         config.gridDimY = config.gridDimZ = config.blockDimY = config.blockDimZ = 1
         config.sharedMemBytes = 0
         config.attrs = [attribute]
         config.numAttrs = 1
-        _thread.config = config
+        if len(_configs) >= _MAX_CONFIGS:
+            _configs.clear()
+        _configs[key] = config
     return config
+
+
+_SUCCESS = cu.CUresult.CUDA_SUCCESS
 
 
 def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
@@ -157,15 +179,13 @@ def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_i
     pushed = stream == _NULL_STREAM and _make_current(device_index)
     try:
         if programmatic_launch:
-            config = _launch_config()
-            config.gridDimX = grid
-            config.blockDimX = block
-            config.hStream = stream
-            (result,) = cu.cuLaunchKernelEx(config, function, params, 0)
-            check(result, "cuLaunchKernelEx")
+            (result,) = cu.cuLaunchKernelEx(_launch_config(grid, block, stream), function, params, 0)
+            if result != _SUCCESS:
+                check(result, "cuLaunchKernelEx")
         else:
             (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
-            check(result, "cuLaunchKernel")
+            if result != _SUCCESS:
+                check(result, "cuLaunchKernel")
     finally:
         if pushed:
             _pop_current()

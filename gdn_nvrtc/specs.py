@@ -164,10 +164,15 @@ STAGGER_NS = 6000
 STAGGER_MIN_WAVES = 2
 
 
+def start_delay_applies(spec: KernelSpec, *, writes_states: bool) -> bool:
+    """Whether start_delay can be non-zero for this kernel and mode (whatever the grid)."""
+    return not writes_states and spec.num_tokens >= STAGGER_FROM_TOKENS
+
+
 def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) -> tuple[int, int]:
     """(blocks, ns): the kernel's first `blocks` blocks sleep about ns at their start; wave is
     how many blocks of the kernel the GPU holds at once."""
-    if writes_states or spec.num_tokens < STAGGER_FROM_TOKENS or grid <= STAGGER_MIN_WAVES * wave:
+    if not start_delay_applies(spec, writes_states=writes_states) or grid <= STAGGER_MIN_WAVES * wave:
         return 0, 0
     return int(wave * STAGGER_FRACTION), STAGGER_NS
 

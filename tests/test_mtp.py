@@ -132,7 +132,8 @@ def test_start_delay_is_correct(T):
     mtp.forget_plans()
     check_call(inputs, disable_state_update=False)
     (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= 40 * 32]
-    fixed = dict(zip([name for name, _ in PARAM_FIELDS[-len(plan.fixed_params):]], plan.fixed_params, strict=True))
+    fixed = dict(zip([name for name, _ in PARAM_FIELDS[mtp._POINTER_FIELDS:]], mtp._FIXED.unpack(plan.fixed_params),
+                     strict=True))
     assert fixed["stagger_blocks"] > 0 and fixed["stagger_ns"] > 0  # the delay was in effect
 
 

@@ -13,6 +13,7 @@ from gdn_nvrtc.specs import (
     KernelSpec,
     choose_spec,
     start_delay,
+    start_delay_applies,
 )
 
 SMS = 132
@@ -99,3 +100,5 @@ def test_start_delay_policy():
                 delayed = not writes and T >= 4 and grid > 2 * wave
                 expected = (wave // 2, STAGGER_NS) if delayed else (0, 0)
                 assert start_delay(spec, writes_states=writes, grid=grid, wave=wave) == expected, (T, writes, grid)
+            # mtp asks the driver for the wave only where this says the delay can apply
+            assert start_delay_applies(spec, writes_states=writes) == (not writes and T >= 4)
