@@ -156,12 +156,12 @@ def choose_spec(
 # Start delay (measured on an H100 and an H200, benchmarks/NOTES.md): in update mode at T >= 4,
 # the blocks of one wave load their states together and then compute together, so DRAM idles
 # while they compute and the next wave repeats it. Delaying half of the first wave by about half a
-# block's lifetime offsets two cohorts for the rest of the kernel. Only for grids of more than two
-# waves, where the one-time delay is paid back; per-token-state calls did not gain.
+# block's lifetime offsets two cohorts for the rest of the kernel. Only for grids of more than one
+# wave (a single wave lost time: T = 4 and 8 at B = 8 on an H200); per-token-state calls did not gain.
 STAGGER_FROM_TOKENS = 4
 STAGGER_FRACTION = 0.5  # of the first wave
 STAGGER_NS = 6000
-STAGGER_MIN_WAVES = 2
+STAGGER_MIN_WAVES = 1
 
 
 def start_delay_applies(spec: KernelSpec, *, writes_states: bool) -> bool:

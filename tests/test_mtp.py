@@ -125,7 +125,7 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
 
 @pytest.mark.parametrize("T", [4, 8])
 def test_start_delay_is_correct(T):
-    """A grid of more than two waves in update mode, where part of the first wave starts late."""
+    """A grid of more than one wave in update mode, where part of the first wave starts late."""
     generator = torch.Generator().manual_seed(T)
     inputs = make_inputs(40, T, 16, 32, pool_size=45, generator=generator)
     inputs["initial_state_indices"][7] = -1

@@ -221,7 +221,7 @@ def forget_loaded_kernels() -> None:
     mtp.forget_plans()
 
 
-@pytest.mark.parametrize("B", [2, 40])  # 40: a grid of more than two waves, where the start delay is set
+@pytest.mark.parametrize("B", [2, 40])  # 40: a grid of more than one wave, where the start delay is set
 def test_first_call_in_a_thread_without_a_current_context(B):
     """The plan (its occupancy query included) and the launch of a new signature, made in a thread
     whose current CUDA context is none."""

@@ -96,8 +96,8 @@ def test_start_delay_policy():
     for T in (1, 3, 4, 8):
         spec = KernelSpec(128, 128, T, "bf16")
         for writes in (False, True):
-            for grid in (wave, 2 * wave, 2 * wave + 1, 40 * wave):
-                delayed = not writes and T >= 4 and grid > 2 * wave
+            for grid in (wave // 2, wave, wave + 1, 2 * wave, 40 * wave):
+                delayed = not writes and T >= 4 and grid > wave
                 expected = (wave // 2, STAGGER_NS) if delayed else (0, 0)
                 assert start_delay(spec, writes_states=writes, grid=grid, wave=wave) == expected, (T, writes, grid)
             # mtp asks the driver for the wave only where this says the delay can apply
