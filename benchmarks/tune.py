@@ -46,6 +46,7 @@ VARIANTS = {
     "delay_all_4us": {"specs.STAGGER_MIN_WAVES": 0, "DELAY_NS": 4000},
     "delay_all_6us": {"specs.STAGGER_MIN_WAVES": 0},
     "delay_min1": {"specs.STAGGER_MIN_WAVES": 1},
+    "delay_min2": {"specs.STAGGER_MIN_WAVES": 2},
     "delay_min1_5us": {"specs.STAGGER_MIN_WAVES": 1, "DELAY_NS": 5000},
     "delay_all_t2_3us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_FROM_TOKENS": 2, "DELAY_NS": 3000},
     "base": variant(),
