@@ -17,21 +17,26 @@ from helpers import check_call  # noqa: E402
 
 from gdn_nvrtc import mtp  # noqa: E402
 from gdn_nvrtc.reference import make_inputs  # noqa: E402
-from gdn_nvrtc.specs import PREBUILT_SPECS, TILING_NAMES, KernelSpec  # noqa: E402
+from gdn_nvrtc.specs import PARAM_FIELDS, PREBUILT_SPECS, TILING_NAMES, KernelSpec, start_delay_applies  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("update", "no_update", "buffer", "scatter", "write_slots")
+MODES = ("update", "no_update", "buffer", "scatter", "write_slots", "delayed")
 
 
-def run_case(spec: KernelSpec, mode: str) -> None:
+def run_case(spec: KernelSpec, mode: str) -> bool:
+    """Run one case; False where the mode does not apply to the spec."""
     mtp.choose_spec = lambda *args, **kwargs: spec
     mtp.forget_plans()
     T, dtype = spec.num_tokens, DTYPES[spec.input_dtype]
     B, H, HV = 3, 2, 4
+    if mode == "delayed":  # an update-mode grid of several waves: part of the first wave starts late
+        if not start_delay_applies(spec, writes_states=False):
+            return False
+        B, H, HV = 40, 16, 32
     pool_size = B * (T + 2) + 2
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size)
     inputs["initial_state_indices"][1] = -1  # a padded row in every case
-    kwargs: dict = {"disable_state_update": mode not in ("update", "scatter", "write_slots")}
+    kwargs: dict = {"disable_state_update": mode not in ("update", "scatter", "write_slots", "delayed")}
     used = set(inputs["initial_state_indices"].tolist())
     free = [s for s in range(pool_size) if s not in used]  # slots no row reads
     if mode == "buffer":
@@ -41,6 +46,12 @@ def run_case(spec: KernelSpec, mode: str) -> None:
     elif mode == "write_slots":
         kwargs["output_state_indices"] = torch.tensor([free[0], free[1], pool_size + 5], device="cuda")
     check_call(inputs, **kwargs)
+    if mode == "delayed":
+        names = [name for name, kind in PARAM_FIELDS if kind != "ptr"]
+        (plan,) = mtp._plans.values()
+        fixed = dict(zip(names, mtp._FIXED.unpack(plan.fixed_params), strict=True))
+        assert fixed["stagger_blocks"] > 0, "the start delay was not in effect"
+    return True
 
 
 def main() -> int:
@@ -57,10 +68,9 @@ def main() -> int:
     count = 0
     for spec in chosen:
         for mode in MODES:
-            run_case(spec, mode)
-            count += 1
+            count += run_case(spec, mode)
     torch.cuda.synchronize()
-    print(f"{count} cases ({len(chosen)} prebuilt specs x {len(MODES)} modes) matched the reference")
+    print(f"{count} cases ({len(chosen)} prebuilt specs, up to {len(MODES)} modes each) matched the reference")
     return 0
 
 
