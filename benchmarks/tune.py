@@ -38,17 +38,17 @@ VARIANTS = {
     "by_t_mb5": {"MIN_BLOCKS": 5},
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
-    "by_t_delay3us": {"DELAY_NS": 3000},  # specs.start_delay with another delay
-    "by_t_delay9us": {"DELAY_NS": 9000},
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
-    "delay_all_2us": {"specs.STAGGER_MIN_WAVES": 0, "DELAY_NS": 2000},
-    "delay_all_3us": {"specs.STAGGER_MIN_WAVES": 0, "DELAY_NS": 3000},
-    "delay_all_4us": {"specs.STAGGER_MIN_WAVES": 0, "DELAY_NS": 4000},
+    "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
+    "by_t_delay9us": {"specs.STAGGER_NS": 9000},
+    "delay_all_2us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 2000},
+    "delay_all_3us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 3000},
+    "delay_all_4us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 4000},
     "delay_all_6us": {"specs.STAGGER_MIN_WAVES": 0},
     "delay_min1": {"specs.STAGGER_MIN_WAVES": 1},
     "delay_min2": {"specs.STAGGER_MIN_WAVES": 2},
-    "delay_min1_5us": {"specs.STAGGER_MIN_WAVES": 1, "DELAY_NS": 5000},
-    "delay_all_t2_3us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_FROM_TOKENS": 2, "DELAY_NS": 3000},
+    "delay_min1_5us": {"specs.STAGGER_MIN_WAVES": 1, "specs.STAGGER_NS": 5000},
+    "delay_all_t2_3us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_FROM_TOKENS": 2, "specs.STAGGER_NS": 3000},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
@@ -91,7 +91,6 @@ def main() -> int:
     H, HV = (int(x) for x in args.heads.split(","))
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
-    shipped_delay_ns = specs.STAGGER_NS
     shipped_constants = {}
     for name in args.variants:
         fixed = dict(VARIANTS[name] or {}) or None
@@ -103,7 +102,6 @@ def main() -> int:
             setattr(specs, constant, fixed.pop(key))
         driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
         mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
-        specs.STAGGER_NS = fixed.pop("DELAY_NS", shipped_delay_ns) if fixed else shipped_delay_ns
         fixed = fixed or None
         if fixed is None:
             specs.tiling_for = shipped_tiling
