@@ -46,7 +46,12 @@ WIDE_TILINGS = (  # (largest T, tiling)
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-TILING_NAMES = ("wide", "uncapped", "narrow", "store")
+# pipe: a persistent grid; each block is one producer warp and THREADS compute threads (the wide
+# layout). The producer streams the next tile's state into shared memory with bulk copies and
+# prepares its q, k, v and gates there while the compute threads run the current tile's tokens.
+PIPE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 3}  # 136 registers
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "pipe")
+PRODUCER_THREADS = 32  # the pipe tiling's producer warp
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -55,6 +60,8 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "store":
         return dict(STORE_TILING)
+    if name == "pipe":
+        return dict(PIPE_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
@@ -105,8 +112,18 @@ class KernelSpec:
         return tiling_for(self.num_tokens, self.tiling_name)
 
     @property
-    def threads_per_block(self) -> int:
+    def pipelined(self) -> bool:
+        """A persistent kernel with a producer warp (the pipe tiling)."""
+        return self.tiling_name == "pipe"
+
+    @property
+    def compute_threads(self) -> int:
+        """The threads that hold state rows (all of a block but the pipe tiling's producer warp)."""
         return self.tiling["THREADS"]
+
+    @property
+    def threads_per_block(self) -> int:
+        return self.compute_threads + (PRODUCER_THREADS if self.pipelined else 0)
 
     @property
     def lanes_per_row(self) -> int:
@@ -116,7 +133,7 @@ class KernelSpec:
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
-        groups = self.threads_per_block // self.lanes_per_row
+        groups = self.compute_threads // self.lanes_per_row
         return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
     @property
@@ -127,7 +144,32 @@ class KernelSpec:
 
     @property
     def rows_per_block(self) -> int:
-        return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
+        return self.compute_threads // self.lanes_per_row * self.rows_per_thread
+
+    @property
+    def shared_layout(self) -> dict[str, int]:
+        """Byte offsets in the pipe kernel's dynamic shared memory (empty for the other tilings): one
+        state tile, then two stages (STAGE_BYTES apart) of q and k (fp32, normalised), v, scatter
+        slots, gates (alpha, beta, k.q) and slots (read, write), then the mbarriers (full[2],
+        tile_free)."""
+        if not self.pipelined:
+            return {}
+        T, K, rows = self.num_tokens, self.head_dim_k, self.rows_per_block
+        layout = {"STATE": 0, "Q": rows * K * 4}
+        layout["K"] = layout["Q"] + T * K * 4
+        layout["V"] = layout["K"] + T * K * 4
+        layout["SCATTER"] = layout["V"] + T * rows * 4
+        layout["GATES"] = layout["SCATTER"] + T * 8
+        layout["SLOTS"] = -(-(layout["GATES"] + 3 * T * 4) // 8) * 8
+        layout["STAGE_BYTES"] = -(-(layout["SLOTS"] + 2 * 8 - layout["Q"]) // 16) * 16
+        layout["BARRIERS"] = layout["Q"] + 2 * layout["STAGE_BYTES"]
+        layout["TOTAL"] = layout["BARRIERS"] + 3 * 8
+        return layout
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory per block (0: the kernel uses static shared memory only)."""
+        return self.shared_layout.get("TOTAL", 0)
 
     @property
     def tiles_per_head(self) -> int:
@@ -166,7 +208,7 @@ STAGGER_MIN_WAVES = 1
 
 def start_delay_applies(spec: KernelSpec, *, writes_states: bool) -> bool:
     """Whether start_delay can be non-zero for this kernel and mode (whatever the grid)."""
-    return not writes_states and spec.num_tokens >= STAGGER_FROM_TOKENS
+    return not writes_states and spec.num_tokens >= STAGGER_FROM_TOKENS and not spec.pipelined
 
 
 def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) -> tuple[int, int]:
