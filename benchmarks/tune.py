@@ -39,6 +39,7 @@ VARIANTS = {
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "pipe": {"TILING_NAME": "pipe"},  # every call on the pipe tiling (a persistent grid with a producer warp)
+    "mma": {"TILING_NAME": "mma"},  # the pipe tiling's producer, the token loop in chunk form on the tensor cores
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
     "by_t_delay9us": {"specs.STAGGER_NS": 9000},

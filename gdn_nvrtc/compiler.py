@@ -58,6 +58,7 @@ def render(spec: KernelSpec) -> str:
         rows_per_thread=spec.rows_per_thread,
         min_blocks=spec.min_blocks_per_sm,
         pipelined=spec.pipelined,
+        mma=spec.mma,
         shared=spec.shared_layout,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
