@@ -38,8 +38,6 @@ VARIANTS = {
     "by_t_mb5": {"MIN_BLOCKS": 5},
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
-    "pipe": {"TILING_NAME": "pipe"},  # every call on the pipe tiling (a persistent grid with a producer warp)
-    "mma": {"TILING_NAME": "mma"},  # the pipe tiling's producer, the token loop in chunk form on the tensor cores
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
     "by_t_delay9us": {"specs.STAGGER_NS": 9000},
@@ -93,7 +91,6 @@ def main() -> int:
     H, HV = (int(x) for x in args.heads.split(","))
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
-    shipped_choice = mtp.choose_spec
     shipped_constants = {}
     for name in args.variants:
         fixed = dict(VARIANTS[name] or {}) or None
@@ -104,10 +101,6 @@ def main() -> int:
             shipped_constants.setdefault(constant, getattr(specs, constant))
             setattr(specs, constant, fixed.pop(key))
         driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
-        forced_tiling = fixed.pop("TILING_NAME", None) if fixed else None
-        mtp.choose_spec = shipped_choice if forced_tiling is None else (
-            lambda K, V, T, dtype, state, name=forced_tiling, **_: specs.KernelSpec(K, V, T, dtype, state, name)
-        )
         mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
         fixed = fixed or None
         if fixed is None:
@@ -127,8 +120,7 @@ def main() -> int:
         for point in args.points:
             mode, T, B = point.split(":")
             T, B = int(T), int(B)
-            spec = specs.KernelSpec(128, 128, T, "bf16", "fp32", forced_tiling or "wide")
-            registers.add(compiler.compile_spec(spec).registers)
+            registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
             floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
             footprint = bench_mtp.footprint_bytes(mode, B, T, H, HV)
             R = bench_mtp.calls_per_replay(footprint, 1e9, 0.6 * torch.cuda.mem_get_info()[0])

@@ -97,41 +97,18 @@ def _pop_current() -> None:
     check(result, "cuCtxPopCurrent")
 
 
-def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int, shared_bytes: int = 0) -> int:
+def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int:
     """How many blocks of the kernel fit on one multiprocessor of cuda:device_index at once
-    (registers, shared memory; shared_bytes of dynamic shared memory per block). The query runs
-    in that device's context, which the calling thread need not have current."""
+    (registers, shared memory). The query runs in that device's context, which the calling
+    thread need not have current."""
     pushed = _make_current(device_index)
     try:
-        result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, shared_bytes)
+        result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, 0)
         check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
     finally:
         if pushed:
             _pop_current()
     return int(count)
-
-
-_shared_ready: set[tuple[int, int, int]] = set()
-
-
-def allow_shared_bytes(function: cu.CUfunction, shared_bytes: int, device_index: int) -> None:
-    """Let the kernel launch with shared_bytes of dynamic shared memory on cuda:device_index (above
-    the default 48 KB), with the multiprocessor's shared memory carve-out at its maximum so that
-    blocks_per_sm counts as many blocks as the registers allow."""
-    key = (int(function), shared_bytes, device_index)
-    if key in _shared_ready:
-        return
-    _init()
-    result, device = cu.cuDeviceGet(device_index)
-    check(result, f"cuDeviceGet({device_index})")
-    handle = cu.CUkernel(int(function))
-    for attribute, value in (
-        (cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes),
-        (cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
-    ):
-        (result,) = cu.cuKernelSetAttribute(attribute, value, handle, device)
-        check(result, f"cuKernelSetAttribute({attribute.name}, {value})")
-    _shared_ready.add(key)
 
 
 _thread = threading.local()
@@ -164,16 +141,16 @@ def parameter_buffer(size: int, tail: bytes) -> tuple[ctypes.Array, int]:
 # latency is hidden. Without the attribute the wait returns at once.
 programmatic_launch = True
 
-# Launch configurations by (grid, block, stream, shared bytes): a CUlaunchConfig costs about 1 us
-# to fill per launch through the bindings, and serving calls repeat a few shapes on one stream.
-# They are never modified once stored, so threads may share them.
-_configs: dict[tuple[int, int, int, int], cu.CUlaunchConfig] = {}
+# Launch configurations by (grid, block, stream): a CUlaunchConfig costs about 1 us to fill per
+# launch through the bindings, and serving calls repeat a few shapes on one stream. They are
+# never modified once stored, so threads may share them.
+_configs: dict[tuple[int, int, int], cu.CUlaunchConfig] = {}
 _MAX_CONFIGS = 1024
 
 
-def _launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0) -> cu.CUlaunchConfig:
+def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
     """A 1-D launch configuration with the PDL attribute."""
-    key = (grid, block, stream, shared_bytes)
+    key = (grid, block, stream)
     config = _configs.get(key)
     if config is None:
         attribute = cu.CUlaunchAttribute()
@@ -184,7 +161,7 @@ def _launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0) ->
         config.blockDimX = block
         config.hStream = stream
         config.gridDimY = config.gridDimZ = config.blockDimY = config.blockDimZ = 1
-        config.sharedMemBytes = shared_bytes
+        config.sharedMemBytes = 0
         config.attrs = [attribute]
         config.numAttrs = 1
         if len(_configs) >= _MAX_CONFIGS:
@@ -196,20 +173,17 @@ def _launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0) ->
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
 
 
-def launch(
-    function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int, shared_bytes: int = 0
-) -> None:
+def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
     """Launch function with a 1-D grid on the given stream handle of device_index; params is the
-    address from parameter_buffer(), whose buffer holds the packed parameter struct; shared_bytes
-    of dynamic shared memory (above 48 KB only after allow_shared_bytes)."""
+    address from parameter_buffer(), whose buffer holds the packed parameter struct."""
     pushed = stream == _NULL_STREAM and _make_current(device_index)
     try:
         if programmatic_launch:
-            (result,) = cu.cuLaunchKernelEx(_launch_config(grid, block, stream, shared_bytes), function, params, 0)
+            (result,) = cu.cuLaunchKernelEx(_launch_config(grid, block, stream), function, params, 0)
             if result != _SUCCESS:
                 check(result, "cuLaunchKernelEx")
         else:
-            (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream, params, 0)
+            (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
             if result != _SUCCESS:
                 check(result, "cuLaunchKernel")
     finally:

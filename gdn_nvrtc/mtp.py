@@ -156,7 +156,6 @@ class _Plan:
     out_shape: tuple[int, ...]
     warn_default_update: bool
     fixed_params: bytes  # PARAM_FIELDS after the pointers, packed
-    shared_bytes: int  # dynamic shared memory per block
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -279,17 +278,10 @@ def _make_plan(
         sm_count=_sm_count(device.index),
     )
     grid = B * HV * spec.tiles_per_head
-    if grid > _MAX_GRID and not spec.pipelined:
+    if grid > _MAX_GRID:
         raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
 
     kernel = driver.kernel(spec) if B else None
-    if kernel is not None and spec.pipelined:
-        # A persistent grid: as many blocks as fit at once, each walking the tiles with a stride.
-        driver.allow_shared_bytes(kernel, spec.shared_bytes, device.index)
-        per_sm = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index, spec.shared_bytes)
-        if per_sm < 1:
-            raise RuntimeError(f"{spec.name} does not fit on a multiprocessor of cuda:{device.index}")
-        grid = min(grid, per_sm * _sm_count(device.index))
     stagger_blocks, stagger_ns = 0, 0
     if kernel is not None and start_delays and start_delay_applies(spec, writes_states=writes_states):
         wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
@@ -341,7 +333,6 @@ def _make_plan(
         out_shape=(B, T, HV, V),
         warn_default_update=disable_state_update is None,
         fixed_params=_FIXED.pack(*(fixed[name] for name, _ in PARAM_FIELDS[_POINTER_FIELDS:])),
-        shared_bytes=spec.shared_bytes,
     )
 
 
@@ -444,5 +435,5 @@ def gated_delta_rule_mtp(
         0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr(),
         output.data_ptr(),
     )
-    driver.launch(plan.kernel, plan.grid, plan.block, stream, plan.device_index, params_address, plan.shared_bytes)
+    driver.launch(plan.kernel, plan.grid, plan.block, stream, plan.device_index, params_address)
     return output, initial_state

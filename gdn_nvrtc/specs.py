@@ -46,15 +46,7 @@ WIDE_TILINGS = (  # (largest T, tiling)
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-# pipe: a persistent grid; each block is one producer warp and THREADS compute threads (the wide
-# layout). The producer streams the next tile's state into shared memory with bulk copies and
-# prepares its q, k, v and gates there while the compute threads run the current tile's tokens.
-PIPE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 3}  # 136 registers
-# mma: the pipe tiling's producer with compute warps that run the token loop in chunk form, the
-# state products on the tensor cores (16 V-rows per warp; see the template).
-MMA_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 0, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 3, "TILE_BUFFERS": 1}
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "pipe", "mma")
-PRODUCER_THREADS = 32  # the pipe tiling's producer warp
+TILING_NAMES = ("wide", "uncapped", "narrow", "store")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -63,10 +55,6 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "store":
         return dict(STORE_TILING)
-    if name == "pipe":  # with few tokens a tile's arithmetic is short: two tiles in flight per block
-        return {**PIPE_TILING, "TILE_BUFFERS": 2 if num_tokens <= 2 else 1}
-    if name == "mma":
-        return dict(MMA_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
@@ -117,36 +105,18 @@ class KernelSpec:
         return tiling_for(self.num_tokens, self.tiling_name)
 
     @property
-    def pipelined(self) -> bool:
-        """A persistent kernel with a producer warp (the pipe and mma tilings)."""
-        return self.tiling_name in ("pipe", "mma")
-
-    @property
-    def mma(self) -> bool:
-        """The token loop in chunk form on the tensor cores (16 V-rows per compute warp)."""
-        return self.tiling_name == "mma"
-
-    @property
-    def compute_threads(self) -> int:
-        """The threads that hold state rows (all of a block but the pipe tiling's producer warp)."""
+    def threads_per_block(self) -> int:
         return self.tiling["THREADS"]
 
     @property
-    def threads_per_block(self) -> int:
-        return self.compute_threads + (PRODUCER_THREADS if self.pipelined else 0)
-
-    @property
     def lanes_per_row(self) -> int:
-        """Threads that share one V-row of the state (each holds K / lanes values); in the mma form
-        a quad of lanes holds two rows, which counts as two lanes per row."""
-        if self.mma:
-            return 2
+        """Threads that share one V-row of the state (each holds K / lanes values)."""
         return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
-        groups = self.compute_threads // self.lanes_per_row
+        groups = self.threads_per_block // self.lanes_per_row
         return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
     @property
@@ -157,50 +127,7 @@ class KernelSpec:
 
     @property
     def rows_per_block(self) -> int:
-        return self.compute_threads // self.lanes_per_row * self.rows_per_thread
-
-    @property
-    def shared_layout(self) -> dict[str, int]:
-        """Byte offsets in a pipelined kernel's dynamic shared memory (empty for the other tilings):
-        TILE_BUFFERS state tiles (and for mma the compute warps' S0.x and u rows), then
-        TILE_BUFFERS + 1 stages (STAGE_BYTES apart) of the producer's data, then the mbarriers
-        (full[stage], tile_free[buffer]). A stage holds q and k (fp32, normalised; for mma k_t and
-        q_t as rows of one array, padded to 8-vector blocks), v, scatter slots, gates (alpha, beta,
-        k.q; for mma alpha, beta, cum, fin and the T x T coefficients m1, m2) and the read and write
-        slots."""
-        if not self.pipelined:
-            return {}
-        T, K, rows = self.num_tokens, self.head_dim_k, self.rows_per_block
-        buffers = self.tiling["TILE_BUFFERS"]
-        align = lambda x, n: -(-x // n) * n  # noqa: E731
-        layout = {"STATE": 0, "TILE_BUFFERS": buffers}
-        tiles = buffers * rows * K * 4
-        if self.mma:
-            vector_rows, token_cols = align(2 * T, 8), align(T, 8)
-            layout["D"] = tiles
-            layout["U"] = layout["D"] + rows * (vector_rows + 1) * 4
-            layout["X"] = align(layout["U"] + rows * (token_cols + 1) * 4, 16)
-            layout["V"] = layout["X"] + vector_rows * (K + 8) * 4
-            gates = 4 * T + 2 * T * T
-            stage = layout["X"]
-        else:
-            layout["Q"] = tiles
-            layout["K"] = layout["Q"] + T * K * 4
-            layout["V"] = layout["K"] + T * K * 4
-            gates = 3 * T
-            stage = layout["Q"]
-        layout["SCATTER"] = layout["V"] + T * rows * 4
-        layout["GATES"] = layout["SCATTER"] + T * 8
-        layout["SLOTS"] = align(layout["GATES"] + gates * 4, 8)
-        layout["STAGE_BYTES"] = align(layout["SLOTS"] + 2 * 8 - stage, 16)
-        layout["BARRIERS"] = stage + (buffers + 1) * layout["STAGE_BYTES"]
-        layout["TOTAL"] = layout["BARRIERS"] + (2 * buffers + 1) * 8
-        return layout
-
-    @property
-    def shared_bytes(self) -> int:
-        """Dynamic shared memory per block (0: the kernel uses static shared memory only)."""
-        return self.shared_layout.get("TOTAL", 0)
+        return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
     def tiles_per_head(self) -> int:
@@ -239,7 +166,7 @@ STAGGER_MIN_WAVES = 1
 
 def start_delay_applies(spec: KernelSpec, *, writes_states: bool) -> bool:
     """Whether start_delay can be non-zero for this kernel and mode (whatever the grid)."""
-    return not writes_states and spec.num_tokens >= STAGGER_FROM_TOKENS and not spec.pipelined
+    return not writes_states and spec.num_tokens >= STAGGER_FROM_TOKENS
 
 
 def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) -> tuple[int, int]:

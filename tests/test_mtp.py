@@ -123,31 +123,6 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     check_call(inputs, **mode_kwargs("update", inputs, generator))
 
 
-@pytest.mark.parametrize("tiling", ["pipe", "mma"])
-@pytest.mark.parametrize("T", [2, 8])
-@pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
-def test_pipelined_tilings_walk_several_tiles_per_block(monkeypatch, tiling, T, mode):
-    """The persistent grid holds fewer blocks than tiles, so each block runs several items through
-    both shared-memory stages, padding rows among them; the pool is a strided slice."""
-    force_tiling(monkeypatch, tiling)
-    B, H, HV = 70, 4, 32
-    generator = torch.Generator().manual_seed(hash((T, mode, tiling)) % 2**31)
-    inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 1) + 3, generator=generator)
-    pool = inputs["initial_state"]
-    wider = torch.randn(pool.shape[0], HV, 128, 136, device="cuda")[..., 4:132]
-    wider.copy_(pool)
-    inputs["initial_state"] = wider  # rows 136 floats apart: one bulk copy per row (pipe)
-    for row in (0, 13, 14, 69):
-        inputs["initial_state_indices"][row] = -1
-    kwargs = mode_kwargs(mode, inputs, generator)
-    kwargs["output"] = nan_like((B, T, HV, 128), torch.bfloat16)
-    check_call(inputs, **kwargs)
-    (plan,) = mtp._plans.values()
-    assert plan.grid < B * HV * 2  # several tiles per block
-    inputs["initial_state"] = pool  # contiguous rows: one bulk copy per tile
-    check_call(inputs, **mode_kwargs(mode, inputs, generator))
-
-
 @pytest.mark.parametrize("T", [4, 8])
 def test_start_delay_is_correct(T):
     """A grid of more than one wave in update mode, where part of the first wave starts late."""
