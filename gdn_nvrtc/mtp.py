@@ -157,6 +157,11 @@ class _Plan:
     warn_default_update: bool
     fixed_params: bytes  # PARAM_FIELDS after the pointers, packed
 
+    def fixed_values(self) -> dict[str, int | float]:
+        """The fixed kernel parameters by name (for tests and tools)."""
+        names = [name for name, _ in PARAM_FIELDS[_POINTER_FIELDS:]]
+        return dict(zip(names, _FIXED.unpack(self.fixed_params), strict=True))
+
 
 _plans: dict[tuple, _Plan] = {}
 _last_plan: tuple = ((), None)  # (key, plan) of the latest call: consecutive calls usually share it

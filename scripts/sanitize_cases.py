@@ -17,7 +17,7 @@ from helpers import check_call  # noqa: E402
 
 from gdn_nvrtc import mtp  # noqa: E402
 from gdn_nvrtc.reference import make_inputs  # noqa: E402
-from gdn_nvrtc.specs import PARAM_FIELDS, PREBUILT_SPECS, TILING_NAMES, KernelSpec, start_delay_applies  # noqa: E402
+from gdn_nvrtc.specs import PREBUILT_SPECS, TILING_NAMES, KernelSpec, start_delay_applies  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("update", "no_update", "buffer", "scatter", "write_slots", "delayed")
@@ -47,10 +47,8 @@ def run_case(spec: KernelSpec, mode: str) -> bool:
         kwargs["output_state_indices"] = torch.tensor([free[0], free[1], pool_size + 5], device="cuda")
     check_call(inputs, **kwargs)
     if mode == "delayed":
-        names = [name for name, kind in PARAM_FIELDS if kind != "ptr"]
         (plan,) = mtp._plans.values()
-        fixed = dict(zip(names, mtp._FIXED.unpack(plan.fixed_params), strict=True))
-        assert fixed["stagger_blocks"] > 0, "the start delay was not in effect"
+        assert plan.fixed_values()["stagger_blocks"] > 0, "the start delay was not in effect"
     return True
 
 

@@ -1,4 +1,4 @@
-"""The driver layer's host-side caches (no GPU needed)."""
+"""Host-side pieces of the driver layer and of a call's plan (no GPU needed)."""
 
 import threading
 
@@ -49,3 +49,14 @@ def test_parameter_buffer_keeps_the_fixed_tail_until_another_one_comes():
     thread.start()
     thread.join()
     assert outcome == ["passed"], outcome
+
+
+def test_plan_fixed_values_are_the_packed_parameters_by_name():
+    from gdn_nvrtc import mtp
+    from gdn_nvrtc.specs import PARAM_FIELDS
+
+    names = [name for name, _ in PARAM_FIELDS[mtp._POINTER_FIELDS:]]
+    values = [0.5 if name == "scale" else 1000 + i for i, name in enumerate(names)]
+    plan = mtp._Plan(kernel=None, device=None, device_index=0, grid=0, block=0, pool_size=0, out_shape=(),
+                     warn_default_update=False, fixed_params=mtp._FIXED.pack(*values))
+    assert plan.fixed_values() == dict(zip(names, values, strict=True))

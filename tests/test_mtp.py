@@ -10,7 +10,7 @@ from helpers import check_call, rel_error, same_bits
 
 from gdn_nvrtc import gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
-from gdn_nvrtc.specs import PARAM_FIELDS, PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
+from gdn_nvrtc.specs import PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -132,8 +132,7 @@ def test_start_delay_is_correct(T):
     mtp.forget_plans()
     check_call(inputs, disable_state_update=False)
     (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= 40 * 32]
-    fixed = dict(zip([name for name, _ in PARAM_FIELDS[mtp._POINTER_FIELDS:]], mtp._FIXED.unpack(plan.fixed_params),
-                     strict=True))
+    fixed = plan.fixed_values()
     assert fixed["stagger_blocks"] > 0 and fixed["stagger_ns"] > 0  # the delay was in effect
 
 
