@@ -399,15 +399,15 @@ def host_overhead(found: Sequence[Implementation], make_inputs: Callable[..., di
             continue
         for _ in range(50):
             call()
-        host_s = 0.0
-        for _ in range(HOST_CALLS // HOST_BATCH):
+        batches, host_s = HOST_CALLS // HOST_BATCH, 0.0
+        for _ in range(batches):
             torch.cuda.synchronize()
             began = time.perf_counter()
             for _ in range(HOST_BATCH):
                 call()
             host_s += time.perf_counter() - began
         torch.cuda.synchronize()
-        results[impl.name] = {"host_us": host_s / (HOST_CALLS // HOST_BATCH * HOST_BATCH) * 1e6, "gpu_us": device.us}
+        results[impl.name] = {"host_us": host_s / (batches * HOST_BATCH) * 1e6, "gpu_us": device.us}
     return results
 
 
