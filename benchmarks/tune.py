@@ -38,6 +38,7 @@ VARIANTS = {
     "by_t_mb5": {"MIN_BLOCKS": 5},
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
+    "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
     "by_t_delay9us": {"specs.STAGGER_NS": 9000},

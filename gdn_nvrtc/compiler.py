@@ -57,6 +57,7 @@ def render(spec: KernelSpec) -> str:
         lanes_per_row=spec.lanes_per_row,
         rows_per_thread=spec.rows_per_thread,
         min_blocks=spec.min_blocks_per_sm,
+        mma=spec.uses_mma,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

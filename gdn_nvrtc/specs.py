@@ -39,6 +39,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             (B = 1): two (T <= 2) or four times the blocks, less token-loop work per thread.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
+#   mma       update mode at T >= 7, and at T = 5-6 once the grid holds two waves of it: the token
+#             loop in chunk form with the state products on the tensor cores (fewer instructions
+#             per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -46,7 +49,13 @@ WIDE_TILINGS = (  # (largest T, tiling)
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-TILING_NAMES = ("wide", "uncapped", "narrow", "store")
+MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
+MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
+MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging) exceeds 48 KB at K = 128
+MMA_FROM_TOKENS = 5  # measured on an H100 and an H200 (benchmarks/NOTES.md v9) at K = V = 128
+MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves gained
+MMA_MIN_WAVES = 2
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -55,6 +64,8 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "store":
         return dict(STORE_TILING)
+    if name == "mma":
+        return dict(MMA_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 
@@ -83,6 +94,11 @@ class KernelSpec:
             raise ValueError(f"state dtype must be one of {STATE_DTYPE_NAMES}, got {self.state_dtype!r}")
         if self.tiling_name not in TILING_NAMES:
             raise ValueError(f"tiling must be one of {TILING_NAMES}, got {self.tiling_name!r}")
+        if self.uses_mma and (self.head_dim_k > MMA_MAX_HEAD_DIM_K or self.num_tokens > MMA_MAX_TOKENS):
+            raise ValueError(
+                f"the mma tiling supports K <= {MMA_MAX_HEAD_DIM_K} and T <= {MMA_MAX_TOKENS}, "
+                f"got K={self.head_dim_k}, T={self.num_tokens}"
+            )
 
     @property
     def name(self) -> str:
@@ -109,13 +125,23 @@ class KernelSpec:
         return self.tiling["THREADS"]
 
     @property
+    def uses_mma(self) -> bool:
+        """The chunk-form kernel whose state products run on the tensor cores (16 rows per warp)."""
+        return bool(self.tiling.get("MMA"))
+
+    @property
     def lanes_per_row(self) -> int:
-        """Threads that share one V-row of the state (each holds K / lanes values)."""
+        """Threads that share one V-row of the state (each holds K / lanes values); in the mma form a
+        quad of lanes holds two rows."""
+        if self.uses_mma:
+            return 4
         return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
 
     @property
     def rows_per_thread(self) -> int:
         """Independent V-rows each thread updates (more rows: more work in flight), at most V per block."""
+        if self.uses_mma:
+            return 2
         groups = self.threads_per_block // self.lanes_per_row
         return max(1, min(self.tiling["ROWS_PER_THREAD"], self.head_dim_v // groups))
 
@@ -127,11 +153,20 @@ class KernelSpec:
 
     @property
     def rows_per_block(self) -> int:
+        if self.uses_mma:
+            return 16 * (self.threads_per_block // 32)
         return self.threads_per_block // self.lanes_per_row * self.rows_per_thread
 
     @property
     def tiles_per_head(self) -> int:
         return self.head_dim_v // self.rows_per_block
+
+
+def _mma_pays(K: int, V: int, T: int, blocks: int, sm_count: int) -> bool:
+    """Update mode: whether the mma tiling (same 64-row tiles as the wide one) is the faster choice."""
+    if not (K == V == PREBUILT_HEAD_DIM and MMA_FROM_TOKENS <= T <= MMA_MAX_TOKENS):
+        return False
+    return T >= MMA_ALWAYS_FROM_TOKENS or blocks >= MMA_MIN_WAVES * MMA_TILING["MIN_BLOCKS"] * sm_count
 
 
 def choose_spec(
@@ -146,6 +181,8 @@ def choose_spec(
         name = "narrow"
     elif writes_states and T >= STORE_FROM_TOKENS:
         name = "store"
+    elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):
+        name = "mma"
     elif wide.min_blocks_per_sm and blocks < wide.min_blocks_per_sm * sm_count:
         name = "uncapped"
     else:
@@ -184,6 +221,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("uncapped")
     if num_tokens >= STORE_FROM_TOKENS:
         names.append("store")
+    if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
+        names.append("mma")
     return tuple(names)
 
 

@@ -10,7 +10,7 @@ from helpers import check_call, rel_error, same_bits
 
 from gdn_nvrtc import gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
-from gdn_nvrtc.specs import PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
+from gdn_nvrtc.specs import MMA_MAX_HEAD_DIM_K, PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -113,14 +113,43 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
 
 
-@pytest.mark.parametrize("tiling", TILING_NAMES)
-@pytest.mark.parametrize("K,V", FALLBACK_KV)
+@pytest.mark.parametrize(
+    "tiling,K,V",
+    [(tiling, K, V) for tiling in TILING_NAMES for K, V in FALLBACK_KV
+     if not (tiling == "mma" and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
+)
 def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     force_tiling(monkeypatch, tiling)
     generator = torch.Generator().manual_seed(hash((tiling, K, V)) % 2**31)
     inputs = make_inputs(3, 3, 2, 4, K, V, pool_size=9, generator=generator)
     check_call(inputs, **mode_kwargs("buffer", inputs, generator))
     check_call(inputs, **mode_kwargs("update", inputs, generator))
+
+
+@pytest.mark.parametrize("T", [5, 7, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_tiling_chosen_for_update_mode(T, dtype):
+    """The dispatcher's mma tiling (update mode, large grids) with padding rows, write slots of which
+    one is skipped, an allocated output and a pool that is a strided slice: several waves of blocks,
+    the start delay in effect."""
+    B, H, HV = 48, 16, 32
+    generator = torch.Generator().manual_seed(1000 * T + (dtype == torch.float16))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
+    cache = torch.randn(2 * B + 5, 2, HV, 128, 128, device="cuda")
+    cache[:, 1].copy_(inputs["initial_state"])
+    inputs["initial_state"] = cache[:, 1]
+    inputs["initial_state_indices"][[3, 30]] = -1
+    read = set(inputs["initial_state_indices"].tolist())
+    write = torch.tensor([s for s in range(2 * B + 5) if s not in read][:B], dtype=torch.int64, device="cuda")
+    write[11] = -1  # no write-back for that row
+    mtp.forget_plans()
+    check_call(inputs, disable_state_update=False, output_state_indices=write)
+    (plan,) = mtp._plans.values()
+    assert plan.fixed_values()["stagger_blocks"] > 0
+    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32",
+                           writes_states=False, batch_heads=B * HV,
+                           sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+    assert spec.tiling_name == "mma"
 
 
 @pytest.mark.parametrize("T", [4, 8])

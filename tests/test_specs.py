@@ -4,6 +4,8 @@ import pytest
 
 from gdn_nvrtc.specs import (
     MAX_TOKENS,
+    MMA_MAX_HEAD_DIM_K,
+    MMA_MAX_TOKENS,
     PARAM_FIELDS,
     PARAM_STRUCT_FORMAT,
     PREBUILT_SPECS,
@@ -50,7 +52,15 @@ def test_choice_of_tiling():
     # T = 3-4 in update mode: the 96-register cap only once the grid holds more than one capped wave.
     assert pick(4, False, 8 * 32) == "uncapped"  # 512 blocks < 5 * 132
     assert pick(4, False, 32 * 32) == "wide"
-    assert pick(8, False, 8 * 32) == "wide" and pick(2, False, 8 * 32) == "wide"
+    assert pick(2, False, 8 * 32) == "wide"
+    # Update mode at T >= 7: the mma tiling; at T = 5-6 from two waves of it (4 blocks per SM).
+    assert [pick(T, False, 8 * 32) for T in (5, 6, 7, 8)] == ["wide", "wide", "mma", "mma"]
+    assert [pick(T, False, 32 * 32) for T in (5, 6, 7, 8)] == ["mma"] * 4  # 2048 blocks >= 2 * 4 * 132
+    assert pick(6, False, 16 * 32) == "wide"  # 1024 blocks
+    assert pick(8, True, 32 * 32) == "store" and pick(8, False, 32) == "narrow"
+    # Only measured at K = V = 128.
+    assert choose_spec(64, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=32 * 32,
+                       sm_count=SMS).tiling_name == "wide"
 
 
 @pytest.mark.parametrize("K", SUPPORTED_HEAD_DIMS)
@@ -58,6 +68,10 @@ def test_choice_of_tiling():
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
 @pytest.mark.parametrize("tiling", TILING_NAMES)
 def test_name_round_trip_and_tiling(K, V, T, tiling):
+    if tiling == "mma" and (K > MMA_MAX_HEAD_DIM_K or T > MMA_MAX_TOKENS):
+        with pytest.raises(ValueError, match="mma tiling supports K <= 128 and T <= 8"):
+            KernelSpec(K, V, T, "fp16", "fp32", tiling)
+        return
     spec = KernelSpec(K, V, T, "fp16", "fp32", tiling)
     assert KernelSpec.from_name(spec.name) == spec
     assert spec.rows_per_block * spec.tiles_per_head == V
