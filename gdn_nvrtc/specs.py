@@ -29,7 +29,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Each call picks one of four tilings (choose_spec), from
+# (0: none, the compiler's choice). Each call picks one of five tilings (choose_spec), from
 # measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
