@@ -164,7 +164,57 @@ class _Plan:
 
 
 _plans: dict[tuple, _Plan] = {}
-_last_plan: tuple = ((), None)  # (key, plan) of the latest call: consecutive calls usually share it
+_guards: dict[tuple, object] = {}  # the signature check of each cached plan (see _signature_check)
+# (scalars, check, plan) of the latest call: consecutive calls usually share a plan, and then one
+# C++ check of the tensors replaces the tuple key (about 5 us of the call's host time).
+_last_plan: tuple = ((), None, None)
+
+try:  # the check torch.compile's guards run on tensors: dispatch keys, dtype, device, shape, strides
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - present in every torch this package supports
+    _TensorGuards = None
+# Stand-ins for the optional tensors that were not passed, in that check (one each: it refuses a
+# tensor object that appears twice).
+_ABSENT = tuple(torch.empty(0) for _ in range(4))
+
+
+def _signature_check(tensors: tuple):
+    """A C++ object whose check(*tensors) is True exactly when tensors have these tensors' dtypes,
+    devices, shapes and strides (and dispatch keys, e.g. requires_grad), or None where torch has none."""
+    if _TensorGuards is None:
+        return None
+    return _TensorGuards(
+        *tensors,
+        dynamic_dims_sizes=[list(x.shape) for x in tensors],
+        dynamic_dims_strides=[list(x.stride()) for x in tensors],
+    )
+
+
+def _probe_signature_check() -> bool:
+    """Whether this torch's TensorGuards behaves as _signature_check needs (a private torch API: a
+    torch that changed it keeps the tuple key, which gives the same plans)."""
+    global _TensorGuards
+    try:
+        a, absent = torch.empty(2, 3), _ABSENT[0]
+        check = _signature_check((a, absent))
+        ok = (check.check(torch.empty(2, 3), torch.empty(0)) and check.check(a, absent)
+              and not check.check(torch.empty(3, 2).t(), absent)
+              and not check.check(torch.empty(2, 3, dtype=torch.float64), absent)
+              and not check.check(torch.empty(2, 4), absent) and not check.check(a, None))
+    except Exception:  # noqa: BLE001 - any failure means the API is not the one this code knows
+        ok = False
+    if not ok:
+        _TensorGuards = None
+    return ok
+
+
+_probe_signature_check()
+
+
+def fast_signature_check() -> bool:
+    """True when repeated calls are recognised by torch's C++ tensor check instead of a Python tuple
+    of every tensor's metadata (the same plans either way; only the host time differs)."""
+    return _TensorGuards is not None
 
 
 def forget_plans() -> None:
@@ -172,7 +222,8 @@ def forget_plans() -> None:
     for tests and tuning that change the kernel choice or reload cubins."""
     global _last_plan
     _plans.clear()
-    _last_plan = ((), None)
+    _guards.clear()
+    _last_plan = ((), None, None)
 
 
 def _make_plan(
@@ -341,6 +392,62 @@ def _make_plan(
     )
 
 
+def _plan_for(
+    scalars, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+    intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+) -> _Plan:
+    """The plan of a call that is not the latest call's signature: from the cache by a tuple of every
+    tensor's metadata, else made (every check); it becomes the latest plan."""
+    global _last_plan
+    try:
+        # One flat tuple (no helper calls, no nesting).
+        key = (
+            q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
+            v.shape, v.stride(), v.dtype, v.get_device(),
+            initial_state.shape, initial_state.stride(), initial_state.dtype, initial_state.get_device(),
+            initial_state_indices.shape, initial_state_indices.stride(), initial_state_indices.dtype,
+            initial_state_indices.get_device(), A_log.shape, A_log.stride(), A_log.dtype, A_log.get_device(),
+            a.shape, a.stride(), a.dtype, a.get_device(), dt_bias.shape, dt_bias.stride(), dt_bias.dtype,
+            dt_bias.get_device(), b.shape, b.stride(), b.dtype, b.get_device(),
+            None if output is None else (output.shape, output.stride(), output.dtype, output.get_device()),
+            None if intermediate_states_buffer is None else (
+                intermediate_states_buffer.shape, intermediate_states_buffer.stride(),
+                intermediate_states_buffer.dtype, intermediate_states_buffer.get_device()),
+            None if ssm_state_indices is None else (
+                ssm_state_indices.shape, ssm_state_indices.stride(), ssm_state_indices.dtype,
+                ssm_state_indices.get_device()),
+            None if output_state_indices is None else (
+                output_state_indices.shape, output_state_indices.stride(), output_state_indices.dtype,
+                output_state_indices.get_device()),
+            *scalars,
+        )
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable scale: the full checks say what is wrong
+        key, plan = None, None
+    if plan is None:
+        plan = _make_plan(
+            q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+            intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+        )
+        if key is not None:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+                _guards.clear()
+            _plans[key] = plan
+    else:
+        _check_alignment(initial_state, intermediate_states_buffer)
+    if key is not None and _TensorGuards is not None:
+        check = None
+        # The check refuses a tensor passed twice (e.g. the same slots to read and to write): such
+        # calls keep the tuple key.
+        if len(set(map(id, tensors))) == len(tensors):
+            check = _guards.get(key)
+            if check is None or not check.check(*tensors):  # new, or these tensors differ in e.g. requires_grad
+                check = _guards[key] = _signature_check(tensors)
+        _last_plan = (scalars, check, plan)
+    return plan
+
+
 def gated_delta_rule_mtp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -364,49 +471,35 @@ def gated_delta_rule_mtp(
     See the module docstring for the math and ../README.md for every argument. Raises
     TypeError / ValueError / RuntimeError before anything is launched or written.
     """
-    global _warned_default_update, _last_plan
+    global _warned_default_update
 
+    # Everything a plan depends on besides the tensors' metadata. The types keep e.g.
+    # use_qk_l2norm=1 or scale=True (refused) apart from True or 1.0 (accepted).
+    scalars = (
+        scale, type(scale), disable_state_update, type(disable_state_update), use_qk_l2norm, type(use_qk_l2norm),
+        output is None, intermediate_states_buffer is None, ssm_state_indices is None, output_state_indices is None,
+    )
+    tensors = (
+        q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
+        _ABSENT[0] if output is None else output,
+        _ABSENT[1] if intermediate_states_buffer is None else intermediate_states_buffer,
+        _ABSENT[2] if ssm_state_indices is None else ssm_state_indices,
+        _ABSENT[3] if output_state_indices is None else output_state_indices,
+    )
+    last = _last_plan  # one read: another thread may replace it
     try:
-        # The types keep e.g. use_qk_l2norm=1 or scale=True (refused) apart from True or 1.0 (accepted).
-        # One flat tuple (no helper calls, no nesting: this is most of a call's host time).
-        key = (
-            q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
-            v.shape, v.stride(), v.dtype, v.get_device(),
-            initial_state.shape, initial_state.stride(), initial_state.dtype, initial_state.get_device(),
-            initial_state_indices.shape, initial_state_indices.stride(), initial_state_indices.dtype,
-            initial_state_indices.get_device(), A_log.shape, A_log.stride(), A_log.dtype, A_log.get_device(),
-            a.shape, a.stride(), a.dtype, a.get_device(), dt_bias.shape, dt_bias.stride(), dt_bias.dtype,
-            dt_bias.get_device(), b.shape, b.stride(), b.dtype, b.get_device(),
-            None if output is None else (output.shape, output.stride(), output.dtype, output.get_device()),
-            None if intermediate_states_buffer is None else (
-                intermediate_states_buffer.shape, intermediate_states_buffer.stride(),
-                intermediate_states_buffer.dtype, intermediate_states_buffer.get_device()),
-            None if ssm_state_indices is None else (
-                ssm_state_indices.shape, ssm_state_indices.stride(), ssm_state_indices.dtype,
-                ssm_state_indices.get_device()),
-            None if output_state_indices is None else (
-                output_state_indices.shape, output_state_indices.stride(), output_state_indices.dtype,
-                output_state_indices.get_device()),
-            scale, type(scale), disable_state_update, type(disable_state_update), use_qk_l2norm, type(use_qk_l2norm),
-        )
-        last = _last_plan  # one read: another thread may replace it
-        plan = last[1] if last[0] == key else _plans.get(key)
-    except (AttributeError, TypeError):  # not tensors, or an unhashable scale: the full checks say what is wrong
-        key, plan = None, None
+        plan = last[2] if last[0] == scalars and last[1] is not None and last[1].check(*tensors) else None
+    except Exception:  # noqa: BLE001 - a scale whose == raises: the full checks say what is wrong
+        plan = None
     if plan is None:
-        plan = _make_plan(
-            q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
-            intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
-        )
-        if key is not None:
-            if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
-            _plans[key] = plan
-    elif initial_state.data_ptr() % 16 or (intermediate_states_buffer is not None
-                                             and intermediate_states_buffer.data_ptr() % 16):
-        _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
-    if key is not None:
-        _last_plan = (key, plan)
+        plan = _plan_for(scalars, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
+                         scale, output, intermediate_states_buffer, ssm_state_indices, disable_state_update,
+                         use_qk_l2norm, output_state_indices)  # checks the alignment too
+        pool_address = initial_state.data_ptr()
+    else:
+        pool_address = initial_state.data_ptr()
+        if pool_address % 16 or (intermediate_states_buffer is not None and intermediate_states_buffer.data_ptr() % 16):
+            _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
 
     if plan.warn_default_update and not _warned_default_update:
         warnings.warn(
@@ -434,7 +527,7 @@ def gated_delta_rule_mtp(
     _POINTERS.pack_into(
         buffer, 0,
         q.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), A_log.data_ptr(), dt_bias.data_ptr(),
-        initial_state.data_ptr(), initial_state_indices.data_ptr(),
+        pool_address, initial_state_indices.data_ptr(),
         0 if output_state_indices is None else output_state_indices.data_ptr(),
         0 if ssm_state_indices is None else ssm_state_indices.data_ptr(),
         0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr(),

@@ -99,7 +99,8 @@ def force_tiling(monkeypatch, tiling: str) -> None:
     # Fresh caches for the test, and the previous ones back afterwards: no plan of a forced tiling
     # outlives it.
     monkeypatch.setattr(mtp, "_plans", {})
-    monkeypatch.setattr(mtp, "_last_plan", ((), None))
+    monkeypatch.setattr(mtp, "_last_plan", ((), None, None))
+    monkeypatch.setattr(mtp, "_guards", {})
 
 
 @pytest.mark.parametrize("tiling", TILING_NAMES)

@@ -299,6 +299,19 @@ def test_threads_on_two_gpus_race_the_first_loads():
     assert len(driver._libraries) - libraries_before == len(specs), "a cubin was loaded more than once"
 
 
+def test_same_shapes_on_two_gpus_alternate():
+    """Calls of one signature but for the device, alternating: each device's plan (its launch context)
+    must be found, whichever way the cached plan is recognised."""
+    need_hopper(1)
+    inputs = [make_inputs(4, 3, 4, 8, device=f"cuda:{device}", pool_size=6,
+                          generator=torch.Generator().manual_seed(device)) for device in (0, 1)]
+    mtp.forget_plans()
+    for device in (0, 1, 0, 1, 1, 0):
+        out, _ = check_call(inputs[device], disable_state_update=False)
+        assert out.device == torch.device(f"cuda:{device}")
+    assert len(mtp._plans) == 2
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tensors_on_cuda1_while_cuda0_is_current(mode):
     need_hopper(1)
