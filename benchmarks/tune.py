@@ -42,6 +42,9 @@ VARIANTS = {
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
+    "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early
+    "pf_wave1": {"specs.PREFETCH_STATE_MAX_WAVES": 1},  # grids of up to one wave
+    "pf_always": {"specs.PREFETCH_STATE_MAX_WAVES": 1e9},
     "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
     "by_t_delay9us": {"specs.STAGGER_NS": 9000},
     "delay_all_2us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 2000},

@@ -35,6 +35,7 @@ from .specs import (
     SCALAR_DTYPE_CODES,
     SUPPORTED_HEAD_DIMS,
     choose_spec,
+    prefetch_state,
     start_delay,
     start_delay_applies,
 )
@@ -339,11 +340,13 @@ def _make_plan(
 
     kernel = driver.kernel(spec) if B else None
     stagger_blocks, stagger_ns = 0, 0
-    if kernel is not None and start_delays and start_delay_applies(spec, writes_states=writes_states):
-        wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
-        stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
-
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
+    if kernel is not None:
+        wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
+        if start_delays and start_delay_applies(spec, writes_states=writes_states):
+            stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
+        if prefetch_state(grid, wave):
+            flags |= FLAGS["PREFETCH_STATE"]
     if output is None:
         out_strides = (T * HV * V, HV * V, V)
         flags |= FLAGS["ZERO_PADDED_OUTPUT"]

@@ -214,6 +214,23 @@ def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) 
     return int(wave * STAGGER_FRACTION), STAGGER_NS
 
 
+# Early state fetch (measured on an H200, benchmarks/NOTES.md v12). A kernel launched as a programmatic
+# dependent has its blocks resident while the previous kernel still runs, if there is room beside it.
+# Until griddepcontrol.wait those blocks may touch nothing the previous kernel could write, but they
+# can ask L2 for their state rows at the read slot as it is then (a hint: the slot is read again after
+# the wait, and L2 is coherent). For a small grid that takes both dependent DRAM trips (slot, then
+# state) off the critical path (B = 1, T = 2: 4.8 -> 3.8 us); a grid near a full wave of blocks finds
+# no room beside the previous kernel and only pays the extra round trip (T = 2, B = 8, HV = 32: 12.0 ->
+# 12.7 us), so the kernel does it for grids of at most this fraction of a wave. Every other grid
+# asks L2 for the line of its read slot only.
+PREFETCH_STATE_MAX_WAVES = 0.5
+
+
+def prefetch_state(grid: int, wave: int) -> bool:
+    """Whether a grid of `grid` blocks, of which the GPU holds `wave` at once, fetches its state early."""
+    return grid <= PREFETCH_STATE_MAX_WAVES * wave
+
+
 def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
     """Every tiling choose_spec can pick for T tokens at the prebuilt head dims."""
     names = ["wide", "narrow"]
@@ -244,6 +261,7 @@ FLAGS = {
     "WRITE_SCATTER": 8,
     "HAS_WRITE_SLOTS": 16,
     "ZERO_PADDED_OUTPUT": 32,
+    "PREFETCH_STATE": 64,
 }
 
 # The kernel takes one struct by value. Every field is 8 bytes ("ptr", "i64" or

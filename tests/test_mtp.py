@@ -10,7 +10,14 @@ from helpers import check_call, rel_error, same_bits
 
 from gdn_nvrtc import gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
-from gdn_nvrtc.specs import MMA_MAX_HEAD_DIM_K, PREBUILT_HEAD_DIM, PREBUILT_TOKENS, TILING_NAMES, KernelSpec
+from gdn_nvrtc.specs import (
+    FLAGS,
+    MMA_MAX_HEAD_DIM_K,
+    PREBUILT_HEAD_DIM,
+    PREBUILT_TOKENS,
+    TILING_NAMES,
+    KernelSpec,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -405,3 +412,55 @@ def test_refused_argument_types_stay_refused_after_a_cached_call(argument, accep
         gated_delta_rule_mtp(**inputs, **kwargs)
     torch.cuda.synchronize()
     assert same_bits(inputs["initial_state"], before)
+
+
+@pytest.mark.parametrize("indices", ["written_just_before", "prepared"])
+@pytest.mark.parametrize("B", [1, 3, 48])
+def test_back_to_back_calls_read_what_came_just_before(B, indices):
+    """Calls on one stream with no synchronisation between them, each reading the slots the previous
+    call wrote; the slot indices are either written by a torch kernel just before each call or
+    prepared beforehand (then each call follows the previous call directly). The blocks of a small
+    grid fetch their state into L2 before the previous kernel has finished (FLAG_PREFETCH_STATE),
+    from slots and states that are about to change: what they use must still be the new ones."""
+    T, H, HV, steps = 2, 4, 8, 5
+    generator = torch.Generator().manual_seed(300 + B)
+    pool_size = B * (steps + 1)
+    calls = [make_inputs(B, T, H, HV, pool_size=pool_size, generator=generator) for _ in range(steps)]
+    pool = calls[0]["initial_state"]
+    read = torch.zeros(B, dtype=torch.int32, device="cuda")
+    write = torch.zeros(B, dtype=torch.int32, device="cuda")
+    slots = []
+    for step in range(steps):
+        order = torch.randperm(B, generator=generator)
+        slots.append(((step * B + order).int(), ((step + 1) * B + order.flip(0)).int()))
+    expected_pool = pool.double()
+    expected_outputs = []
+    for step, call in enumerate(calls):
+        call = {**call, "initial_state": expected_pool}
+        call["initial_state_indices"], write_slots = (x.cuda() for x in slots[step])
+        out, expected_pool, _ = gated_delta_rule_mtp_reference(
+            **call, disable_state_update=False, output_state_indices=write_slots)
+        expected_outputs.append(out)
+    mtp.forget_plans()
+    write.fill_(-1)  # no write-back: the call only makes the plan
+    gated_delta_rule_mtp(**{**calls[0], "initial_state": pool, "initial_state_indices": read},
+                         disable_state_update=False, output_state_indices=write)
+    torch.cuda.synchronize()
+    plan = mtp._last_plan[2]
+    assert bool(plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"]) == (B < 48)
+    slots = [(r.cuda(), w.cuda()) for r, w in slots]
+    outputs = []
+    torch.cuda.synchronize()
+    for step, call in enumerate(calls):
+        if indices == "prepared":
+            read, write = slots[step]
+        else:
+            torch.add(slots[step][0], 0, out=read)  # kernels, not copies: the call's previous kernel
+            torch.add(slots[step][1], 0, out=write)
+        out, _ = gated_delta_rule_mtp(**{**call, "initial_state": pool, "initial_state_indices": read},
+                                      disable_state_update=False, output_state_indices=write)
+        outputs.append(out)
+    torch.cuda.synchronize()
+    for step in range(steps):
+        assert rel_error(outputs[step], expected_outputs[step]) < OUTPUT_REL_TOL, f"output of call {step}"
+    assert rel_error(pool, expected_pool) < STATE_REL_TOL

@@ -3,6 +3,7 @@ import struct
 import pytest
 
 from gdn_nvrtc.specs import (
+    FLAGS,
     MAX_TOKENS,
     MMA_MAX_HEAD_DIM_K,
     MMA_MAX_TOKENS,
@@ -14,6 +15,7 @@ from gdn_nvrtc.specs import (
     TILING_NAMES,
     KernelSpec,
     choose_spec,
+    prefetch_state,
     start_delay,
     start_delay_applies,
 )
@@ -114,5 +116,12 @@ def test_start_delay_policy():
                 delayed = not writes and T >= 4 and grid > wave
                 expected = (wave // 2, STAGGER_NS) if delayed else (0, 0)
                 assert start_delay(spec, writes_states=writes, grid=grid, wave=wave) == expected, (T, writes, grid)
-            # mtp asks the driver for the wave only where this says the delay can apply
             assert start_delay_applies(spec, writes_states=writes) == (not writes and T >= 4)
+
+
+def test_early_state_fetch_policy():
+    wave = 8 * SMS
+    assert prefetch_state(1, wave) and prefetch_state(wave // 2, wave)
+    assert not prefetch_state(wave // 2 + 1, wave) and not prefetch_state(40 * wave, wave)
+    bits = list(FLAGS.values())
+    assert len(set(bits)) == len(bits) and all(bit & (bit - 1) == 0 for bit in bits)
