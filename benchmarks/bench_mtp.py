@@ -596,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # imported here, not at the top, so that --help needs neither the package nor its CUDA bindings
     import gdn_nvrtc
+    import gdn_nvrtc.mtp
     from gdn_nvrtc.reference import make_inputs
 
     def progress(message: str) -> None:
@@ -636,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         "peers": status,
         "method": {"state_gb_per_replay": args.state_gb, "repeats": args.repeats, "min_ms": args.min_ms,
                    "seed": args.seed, "timing": "CUDA-graph replay, cold L2; us per call"},
-        "host_overhead": {"shape": HOST_SHAPE, "calls": HOST_CALLS, "batch": HOST_BATCH, "results": host},
+        "host_overhead": {"shape": HOST_SHAPE, "calls": HOST_CALLS, "batch": HOST_BATCH, "results": host,
+                          "fast_signature_check": gdn_nvrtc.mtp.fast_signature_check()},
         "first_call": {"shape": HOST_SHAPE, **first_call},
         "wall_s": time.perf_counter() - began,
         "rows": [asdict(row) for row in rows],
