@@ -174,9 +174,6 @@ try:  # the check torch.compile's guards run on tensors: dispatch keys, dtype, d
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover - present in every torch this package supports
     _TensorGuards = None
-# Stand-ins for the optional tensors that were not passed, in that check (one each: it refuses a
-# tensor object that appears twice).
-_ABSENT = tuple(torch.empty(0) for _ in range(4))
 
 
 def _signature_check(tensors: tuple):
@@ -196,12 +193,12 @@ def _probe_signature_check() -> bool:
     torch that changed it keeps the tuple key, which gives the same plans)."""
     global _TensorGuards
     try:
-        a, absent = torch.empty(2, 3), _ABSENT[0]
-        check = _signature_check((a, absent))
-        ok = (check.check(torch.empty(2, 3), torch.empty(0)) and check.check(a, absent)
-              and not check.check(torch.empty(3, 2).t(), absent)
-              and not check.check(torch.empty(2, 3, dtype=torch.float64), absent)
-              and not check.check(torch.empty(2, 4), absent) and not check.check(a, None))
+        a, b = torch.empty(2, 3), torch.empty(0)
+        check = _signature_check((a, b))
+        ok = (check.check(torch.empty(2, 3), torch.empty(0)) and check.check(a, b)
+              and not check.check(torch.empty(3, 2).t(), b)
+              and not check.check(torch.empty(2, 3, dtype=torch.float64), b)
+              and not check.check(torch.empty(2, 4), b) and not check.check(a, None))
     except Exception:  # noqa: BLE001 - any failure means the API is not the one this code knows
         ok = False
     if not ok:
@@ -482,13 +479,17 @@ def gated_delta_rule_mtp(
         scale, type(scale), disable_state_update, type(disable_state_update), use_qk_l2norm, type(use_qk_l2norm),
         output is None, intermediate_states_buffer is None, ssm_state_indices is None, output_state_indices is None,
     )
-    tensors = (
-        q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
-        _ABSENT[0] if output is None else output,
-        _ABSENT[1] if intermediate_states_buffer is None else intermediate_states_buffer,
-        _ABSENT[2] if ssm_state_indices is None else ssm_state_indices,
-        _ABSENT[3] if output_state_indices is None else output_state_indices,
-    )
+    # The tensors passed (which optional ones is part of `scalars`, so a check made for a signature
+    # is only asked about tensors of the same count).
+    tensors = (q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b)
+    if output is not None:
+        tensors += (output,)
+    if intermediate_states_buffer is not None:
+        tensors += (intermediate_states_buffer,)
+    if ssm_state_indices is not None:
+        tensors += (ssm_state_indices,)
+    if output_state_indices is not None:
+        tensors += (output_state_indices,)
     last = _last_plan  # one read: another thread may replace it
     try:
         plan = last[2] if last[0] == scalars and last[1] is not None and last[1].check(*tensors) else None
