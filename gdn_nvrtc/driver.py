@@ -136,9 +136,10 @@ def parameter_buffer(size: int, tail: bytes) -> tuple[ctypes.Array, int]:
 
 
 # Programmatic dependent launch: the kernel may be scheduled while the previous kernel of its
-# stream is still running; its first instruction (griddepcontrol.wait) waits until that kernel
-# has completed and its memory is visible, so the stream order is kept and only the launch
-# latency is hidden. Without the attribute the wait returns at once.
+# stream is still running; before it reads anything it uses, griddepcontrol.wait waits until that
+# kernel has completed and its memory is visible, so the stream order is kept (until then a block
+# only prefetches into L2, see the template's block_start). Without the attribute the wait
+# returns at once.
 programmatic_launch = True
 
 # Launch configurations by (grid, block, stream): a CUlaunchConfig costs about 1 us to fill per
