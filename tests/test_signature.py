@@ -86,3 +86,18 @@ def test_one_tensor_passed_twice():
     check_call(inputs, disable_state_update=False)
     if mtp.fast_signature_check():
         assert mtp._last_plan[1] is not None
+
+
+@pytest.mark.gpu
+def test_calls_without_the_fast_check(monkeypatch):
+    """A torch without the C++ check: every call takes the tuple key, with the same results."""
+    monkeypatch.setattr(mtp, "_TensorGuards", None)
+    mtp.forget_plans()
+    generator = torch.Generator().manual_seed(13)
+    inputs = make_inputs(3, 4, 4, 8, pool_size=8, generator=generator)
+    for _ in range(2):
+        check_call(inputs, disable_state_update=False)
+        check_call(inputs, disable_state_update=True)
+    assert not mtp.fast_signature_check() and mtp._last_plan[1] is None
+    assert len(mtp._plans) == 2
+    mtp.forget_plans()
