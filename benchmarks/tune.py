@@ -71,6 +71,7 @@ VARIANTS = {
     "epl4_rpt4": variant(elems_per_lane=4, rows_per_thread=4),
     "epl16_rpt1_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=1),
     "epl8_rpt1": variant(elems_per_lane=8, rows_per_thread=1),
+    "epl4_rpt1": variant(elems_per_lane=4, rows_per_thread=1),  # 4 rows per block (B = 1 at few heads)
     "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
     "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),
     # One tile per head at K = V = 128 (the q/k normalisation and gates once per head, not twice).

@@ -17,6 +17,7 @@ from .specs import KernelSpec
 # torch's default stream is the legacy NULL stream (handle 0). A kernel launched on
 # it runs in the calling thread's current context, which must be the tensor's device.
 _NULL_STREAM = 0
+_SUCCESS = cu.CUresult.CUDA_SUCCESS
 
 
 class CudaError(RuntimeError):
@@ -90,6 +91,12 @@ def _make_current(device_index: int) -> bool:
     (result,) = cu.cuCtxPushCurrent(cu.CUcontext(context))
     check(result, f"making cuda:{device_index} current (cuCtxPushCurrent)")
     return True
+
+
+def _current_context() -> int | None:
+    """The handle of the calling thread's current context (None when that cannot be read)."""
+    result, current = cu.cuCtxGetCurrent()
+    return int(current) if result == _SUCCESS else None
 
 
 def _pop_current() -> None:
@@ -171,7 +178,33 @@ def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
     return config
 
 
-_SUCCESS = cu.CUresult.CUDA_SUCCESS
+class Launch:
+    """A kernel with its 1-D grid and block on one device: what a call's plan launches. Calling it
+    with a stream handle and a parameter address launches as launch() does, with less host time for
+    a repeated stream: the launch configuration of the latest stream it ran on is kept with it."""
+
+    __slots__ = ("function", "grid", "block", "device_index", "_context", "_last")
+
+    def __init__(self, function: cu.CUfunction, grid: int, block: int, device_index: int) -> None:
+        self.function = function
+        self.grid = grid
+        self.block = block
+        self.device_index = device_index
+        self._context = _primary_context(device_index)
+        self._last: tuple = (None, None)  # (stream, config), replaced as one object: threads may share it
+
+    def __call__(self, stream: int, params: int) -> None:
+        last_stream, config = self._last
+        if stream == last_stream and programmatic_launch:
+            # A kernel on the NULL stream runs in the thread's current context: it must be the device's.
+            if stream != _NULL_STREAM or _current_context() == self._context:
+                (result,) = cu.cuLaunchKernelEx(config, self.function, params, 0)
+                if result != _SUCCESS:
+                    check(result, "cuLaunchKernelEx")
+                return
+        launch(self.function, self.grid, self.block, stream, self.device_index, params)
+        if programmatic_launch:
+            self._last = (stream, _launch_config(self.grid, self.block, stream))
 
 
 def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:

@@ -47,6 +47,9 @@ _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODE
 _PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
 _POINTER_FIELDS = sum(kind == "ptr" for _, kind in PARAM_FIELDS)  # they come first; the plan fixes the rest
 _POINTERS = struct.Struct(PARAM_STRUCT_FORMAT[: 1 + _POINTER_FIELDS])  # packed per call
+_pack_pointers = _POINTERS.pack_into
+# The handle of a device's current stream (absent from CPU-only builds of torch, which never launch).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _FIXED = struct.Struct("<" + PARAM_STRUCT_FORMAT[1 + _POINTER_FIELDS :])  # packed once per plan
 _MAX_GRID = 2**31 - 1
 _MAX_PLANS = 4096
@@ -148,7 +151,7 @@ class _Plan:
     """What a call needs beyond its data pointers; a pure function of the arguments' shapes,
     strides, dtypes, devices and flags, so it is computed once per such signature."""
 
-    kernel: object | None  # the driver's launch handle; None when B == 0
+    launch: driver.Launch | None  # the kernel with its grid and block; None when B == 0
     device: torch.device
     device_index: int
     grid: int
@@ -380,7 +383,7 @@ def _make_plan(
         "stagger_blocks": stagger_blocks, "stagger_ns": stagger_ns, "flags": flags, "scale": float(scale),
     }
     return _Plan(
-        kernel=kernel,
+        launch=None if kernel is None else driver.Launch(kernel, grid, spec.threads_per_block, device.index),
         device=device,
         device_index=device.index,
         grid=grid,
@@ -397,7 +400,8 @@ def _plan_for(
     intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
 ) -> _Plan:
     """The plan of a call that is not the latest call's signature: from the cache by a tuple of every
-    tensor's metadata, else made (every check); it becomes the latest plan."""
+    tensor's metadata, else made (every check); it becomes the latest plan. The caller checks the
+    addresses (alignment), which are not part of a plan."""
     global _last_plan
     try:
         # One flat tuple (no helper calls, no nesting).
@@ -434,8 +438,6 @@ def _plan_for(
                 _plans.clear()
                 _guards.clear()
             _plans[key] = plan
-    else:
-        _check_alignment(initial_state, intermediate_states_buffer)
     if key is not None and _TensorGuards is not None:
         check = None
         # The check refuses a tensor passed twice (e.g. the same slots to read and to write): such
@@ -498,12 +500,11 @@ def gated_delta_rule_mtp(
     if plan is None:
         plan = _plan_for(scalars, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
                          scale, output, intermediate_states_buffer, ssm_state_indices, disable_state_update,
-                         use_qk_l2norm, output_state_indices)  # checks the alignment too
-        pool_address = initial_state.data_ptr()
-    else:
-        pool_address = initial_state.data_ptr()
-        if pool_address % 16 or (intermediate_states_buffer is not None and intermediate_states_buffer.data_ptr() % 16):
-            _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
+                         use_qk_l2norm, output_state_indices)
+    # The plan covers the strides; the addresses are checked on every call.
+    pool_address = initial_state.data_ptr()
+    if pool_address % 16 or (intermediate_states_buffer is not None and intermediate_states_buffer.data_ptr() % 16):
+        _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
 
     if plan.warn_default_update and not _warned_default_update:
         warnings.warn(
@@ -523,12 +524,13 @@ def gated_delta_rule_mtp(
                 _report_bad_index(name, x, plan.pool_size)
     if output is None:
         output = torch.empty(plan.out_shape, dtype=q.dtype, device=plan.device)
-    if plan.kernel is None:
+    launch = plan.launch
+    if launch is None:
         return output, initial_state
 
-    stream = torch._C._cuda_getCurrentRawStream(plan.device_index)
+    stream = _raw_stream(plan.device_index)
     buffer, params_address = driver.parameter_buffer(_PARAMS.size, plan.fixed_params)
-    _POINTERS.pack_into(
+    _pack_pointers(
         buffer, 0,
         q.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), A_log.data_ptr(), dt_bias.data_ptr(),
         pool_address, initial_state_indices.data_ptr(),
@@ -537,5 +539,5 @@ def gated_delta_rule_mtp(
         0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr(),
         output.data_ptr(),
     )
-    driver.launch(plan.kernel, plan.grid, plan.block, stream, plan.device_index, params_address)
+    launch(stream, params_address)
     return output, initial_state

@@ -29,7 +29,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Each call picks one of five tilings (choose_spec), from
+# (0: none, the compiler's choice). Each call picks one of six tilings (choose_spec), from
 # measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
@@ -37,6 +37,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   uncapped  the wide tiling without that cap, for T = 3-4 grids of less than one capped wave.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1): two (T <= 2) or four times the blocks, less token-loop work per thread.
+#   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
+#             the narrow tiling (B = 1-2 at HV = 8): four times its blocks, a quarter of its
+#             arithmetic per thread and token.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
 #   mma       update mode at T >= 7, and at T = 5-6 once the grid holds two waves of it: the token
@@ -48,6 +51,8 @@ WIDE_TILINGS = (  # (largest T, tiling)
     (MAX_TOKENS, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 0}),
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+SPREAD_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 4, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+SPREAD_FROM_TOKENS = 5  # measured at T = 2-8 (benchmarks/NOTES.md v13); below, the narrow tiling was faster
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
@@ -55,13 +60,15 @@ MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging
 MMA_FROM_TOKENS = 5  # measured on an H100 and an H200 (benchmarks/NOTES.md v9) at K = V = 128
 MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves gained
 MMA_MIN_WAVES = 2
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma")
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
     if name == "narrow":
         return dict(NARROW_TILING)
+    if name == "spread":
+        return dict(SPREAD_TILING)
     if name == "store":
         return dict(STORE_TILING)
     if name == "mma":
@@ -135,7 +142,8 @@ class KernelSpec:
         quad of lanes holds two rows."""
         if self.uses_mma:
             return 4
-        return max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"])
+        # A row's lanes stay within one warp (the spread tiling at K = 256: 8 values per lane).
+        return min(32, max(1, self.head_dim_k // self.tiling["ELEMS_PER_LANE"]))
 
     @property
     def rows_per_thread(self) -> int:
@@ -178,7 +186,9 @@ def choose_spec(
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
     if blocks < sm_count:
-        name = "narrow"
+        narrow_blocks = batch_heads * KernelSpec(K, V, T, input_dtype, state_dtype, "narrow").tiles_per_head
+        spread = K == V == PREBUILT_HEAD_DIM and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count
+        name = "spread" if spread else "narrow"
     elif writes_states and T >= STORE_FROM_TOKENS:
         name = "store"
     elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):
@@ -240,6 +250,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("store")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("mma")
+    if num_tokens >= SPREAD_FROM_TOKENS:
+        names.append("spread")
     return tuple(names)
 
 

@@ -57,6 +57,6 @@ def test_plan_fixed_values_are_the_packed_parameters_by_name():
 
     names = [name for name, _ in PARAM_FIELDS[mtp._POINTER_FIELDS:]]
     values = [0.5 if name == "scale" else 1000 + i for i, name in enumerate(names)]
-    plan = mtp._Plan(kernel=None, device=None, device_index=0, grid=0, block=0, pool_size=0, out_shape=(),
+    plan = mtp._Plan(launch=None, device=None, device_index=0, grid=0, block=0, pool_size=0, out_shape=(),
                      warn_default_update=False, fixed_params=mtp._FIXED.pack(*values))
     assert plan.fixed_values() == dict(zip(names, values, strict=True))

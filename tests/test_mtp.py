@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import check_call, rel_error, same_bits
 
-from gdn_nvrtc import gated_delta_rule_mtp, mtp
+from gdn_nvrtc import driver, gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
 from gdn_nvrtc.specs import (
     FLAGS,
@@ -158,6 +158,29 @@ def test_mma_tiling_chosen_for_update_mode(T, dtype):
                            writes_states=False, batch_heads=B * HV,
                            sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     assert spec.tiling_name == "mma"
+
+
+@pytest.mark.parametrize("T", [5, 8])
+@pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
+def test_spread_tiling_chosen_for_few_heads(T, mode):
+    """B = 2 at H = 4, HV = 8 (128 blocks of the narrow tiling, fewer than the SMs of an H100 SXM or
+    H200; B = 1 on smaller GPUs): the dispatcher's 4-row blocks, with the state fetched before the
+    previous kernel ends; one row padded where B = 2."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 2 if sm_count > 2 * 8 * 8 else 1
+    generator = torch.Generator().manual_seed(10 * T + len(mode))
+    inputs = make_inputs(B, T, 4, 8, pool_size=B * (T + 2) + 2, generator=generator)
+    gated_delta_rule_mtp(**inputs, disable_state_update=True)  # a previous kernel on the stream
+    if B == 2:
+        inputs["initial_state_indices"][1] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    (plan,) = mtp._plans.values()
+    spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * 8,
+                           sm_count=sm_count)
+    assert spec.tiling_name == "spread"
+    assert plan.launch.function is driver.kernel(spec) and plan.grid == B * 8 * 32
+    assert plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"]
 
 
 @pytest.mark.parametrize("T", [4, 8])

@@ -362,3 +362,31 @@ def test_call_queues_behind_work_on_the_current_stream_of_its_device(device):
             with torch.cuda.device(device):
                 torch.cuda.set_stream(previous)
         assert rel_error(result, expected) < OUTPUT_REL_TOL
+
+
+def test_one_plan_on_alternating_streams_runs_on_each_calls_stream():
+    """A plan keeps the launch configuration of the latest stream it ran on. Calls with one signature
+    alternate between two side streams and the default stream, each stream busy writing q when the
+    call is made: every kernel must queue behind its own stream's write."""
+    need_hopper(0)
+    inputs = make_inputs(8, 4, 4, 8, pool_size=10)
+    gated_delta_rule_mtp(**inputs, disable_state_update=True)  # plan and kernel ready
+    plan = mtp._last_plan[2]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.default_stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for step in range(6):
+        stream = streams[step % 3]
+        new_q = torch.randn(inputs["q"].shape, device="cuda").to(inputs["q"].dtype)
+        torch.cuda.synchronize()
+        expected, _, _ = gated_delta_rule_mtp_reference(**dict(inputs, q=new_q), disable_state_update=True)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(SLEEP_CYCLES // 4)
+            inputs["q"].copy_(new_q)  # queued behind the sleep
+            out, _ = gated_delta_rule_mtp(**inputs, disable_state_update=True)
+            assert mtp._last_plan[2] is plan
+            if stream.cuda_stream:  # a side stream's configuration is kept (the NULL stream's is not)
+                assert plan.launch._last[0] == stream.cuda_stream
+            result = out.double()  # on the same stream, after the kernel
+        torch.cuda.synchronize()
+        assert rel_error(result, expected) < OUTPUT_REL_TOL, f"step {step}"

@@ -60,6 +60,14 @@ def test_choice_of_tiling():
     assert [pick(T, False, 32 * 32) for T in (5, 6, 7, 8)] == ["mma"] * 4  # 2048 blocks >= 2 * 4 * 132
     assert pick(6, False, 16 * 32) == "wide"  # 1024 blocks
     assert pick(8, True, 32 * 32) == "store" and pick(8, False, 32) == "narrow"
+    # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks): at T >= 5,
+    # 4-row blocks; B = 1-2 at HV = 8 (64 or 128 narrow blocks).
+    for writes in (False, True):
+        assert [pick(T, writes, 8) for T in (2, 4, 5, 8)] == ["narrow", "narrow", "spread", "spread"]
+        assert [pick(T, writes, 16) for T in (4, 5, 8)] == ["narrow", "spread", "spread"]
+        assert pick(8, writes, 17) == "narrow"  # 136 narrow blocks
+    assert choose_spec(128, 64, 8, "bf16", "fp32", writes_states=False, batch_heads=1,
+                       sm_count=SMS).tiling_name == "narrow"
     # Only measured at K = V = 128.
     assert choose_spec(64, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=32 * 32,
                        sm_count=SMS).tiling_name == "wide"
