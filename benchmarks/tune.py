@@ -42,6 +42,7 @@ VARIANTS = {
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
+    "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling
     "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early
     "pf_wave1": {"specs.PREFETCH_STATE_MAX_WAVES": 1},  # grids of up to one wave
     "pf_always": {"specs.PREFETCH_STATE_MAX_WAVES": 1e9},
@@ -72,6 +73,7 @@ VARIANTS = {
     "epl16_rpt1_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=1),
     "epl8_rpt1": variant(elems_per_lane=8, rows_per_thread=1),
     "epl4_rpt1": variant(elems_per_lane=4, rows_per_thread=1),  # 4 rows per block (B = 1 at few heads)
+    "epl4_rpt2": variant(elems_per_lane=4, rows_per_thread=2),  # 8 rows per block, 32 lanes per row
     "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
     "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),
     # One tile per head at K = V = 128 (the q/k normalisation and gates once per head, not twice).

@@ -29,7 +29,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Each call picks one of six tilings (choose_spec), from
+# (0: none, the compiler's choice). Each call picks one of seven tilings (choose_spec), from
 # measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
@@ -40,6 +40,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8): four times its blocks, a quarter of its
 #             arithmetic per thread and token.
+#   slim      8 rows per block, 16 lanes per row, at T >= 5 for narrow grids of more than 3.5 blocks
+#             per SM (B = 8 at HV = 8, B = 2 at HV = 32, B = 1 at HV = 64 on 132 SMs): twice the
+#             narrow tiling's blocks, half of its arithmetic per thread and token. Smaller narrow grids
+#             did not gain (equal at 1.9 blocks per SM, slower at 2.9 and 3.4).
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
 #   mma       update mode at T >= 7, and at T = 5-6 once the grid holds two waves of it: the token
@@ -53,6 +57,9 @@ WIDE_TILINGS = (  # (largest T, tiling)
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 SPREAD_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 4, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
 SPREAD_FROM_TOKENS = 5  # measured at T = 2-8 (benchmarks/NOTES.md v13); below, the narrow tiling was faster
+SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+SLIM_FROM_TOKENS = 5  # measured at T = 4-8 (benchmarks/NOTES.md v14)
+SLIM_ABOVE_NARROW_WAVES = 3.5  # narrow blocks per SM: 3.4 kept narrow faster, 3.9 slim (v14)
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
@@ -60,7 +67,7 @@ MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging
 MMA_FROM_TOKENS = 5  # measured on an H100 and an H200 (benchmarks/NOTES.md v9) at K = V = 128
 MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves gained
 MMA_MIN_WAVES = 2
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread")
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -69,6 +76,8 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(NARROW_TILING)
     if name == "spread":
         return dict(SPREAD_TILING)
+    if name == "slim":
+        return dict(SLIM_TILING)
     if name == "store":
         return dict(STORE_TILING)
     if name == "mma":
@@ -187,8 +196,13 @@ def choose_spec(
     blocks = batch_heads * wide.tiles_per_head
     if blocks < sm_count:
         narrow_blocks = batch_heads * KernelSpec(K, V, T, input_dtype, state_dtype, "narrow").tiles_per_head
-        spread = K == V == PREBUILT_HEAD_DIM and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count
-        name = "spread" if spread else "narrow"
+        measured = K == V == PREBUILT_HEAD_DIM
+        if measured and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count:
+            name = "spread"
+        elif measured and T >= SLIM_FROM_TOKENS and narrow_blocks > SLIM_ABOVE_NARROW_WAVES * sm_count:
+            name = "slim"
+        else:
+            name = "narrow"
     elif writes_states and T >= STORE_FROM_TOKENS:
         name = "store"
     elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):
@@ -252,6 +266,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("mma")
     if num_tokens >= SPREAD_FROM_TOKENS:
         names.append("spread")
+    if num_tokens >= SLIM_FROM_TOKENS:
+        names.append("slim")
     return tuple(names)
 
 

@@ -17,6 +17,7 @@ from gdn_nvrtc.specs import (
     PREBUILT_TOKENS,
     TILING_NAMES,
     KernelSpec,
+    prefetch_state,
 )
 
 pytestmark = pytest.mark.gpu
@@ -162,25 +163,33 @@ def test_mma_tiling_chosen_for_update_mode(T, dtype):
 
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
-def test_spread_tiling_chosen_for_few_heads(T, mode):
-    """B = 2 at H = 4, HV = 8 (128 blocks of the narrow tiling, fewer than the SMs of an H100 SXM or
-    H200; B = 1 on smaller GPUs): the dispatcher's 4-row blocks, with the state fetched before the
-    previous kernel ends; one row padded where B = 2."""
+@pytest.mark.parametrize("tiling", ["spread", "slim"])
+def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
+    """H = 4, HV = 8 at the largest batch for which the dispatcher picks the tiling on this GPU
+    (132 SMs: spread at B = 2, 128 narrow blocks; slim at B = 8, 512 narrow blocks): the kernel it
+    launches, one row padded, after a previous kernel on the stream (the state fetched early where
+    the grid is small)."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    B = 2 if sm_count > 2 * 8 * 8 else 1
-    generator = torch.Generator().manual_seed(10 * T + len(mode))
+
+    def spec_for(B: int):
+        return mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * 8,
+                               sm_count=sm_count)
+
+    batches = [B for B in range(2, 65) if spec_for(B).tiling_name == tiling]
+    if not batches:
+        pytest.skip(f"no batch picks the {tiling} tiling on {sm_count} SMs")
+    B, spec = batches[-1], spec_for(batches[-1])
+    generator = torch.Generator().manual_seed(10 * T + len(mode) + len(tiling))
     inputs = make_inputs(B, T, 4, 8, pool_size=B * (T + 2) + 2, generator=generator)
     gated_delta_rule_mtp(**inputs, disable_state_update=True)  # a previous kernel on the stream
-    if B == 2:
-        inputs["initial_state_indices"][1] = -1
+    inputs["initial_state_indices"][1] = -1
     mtp.forget_plans()
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
     (plan,) = mtp._plans.values()
-    spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * 8,
-                           sm_count=sm_count)
-    assert spec.tiling_name == "spread"
-    assert plan.launch.function is driver.kernel(spec) and plan.grid == B * 8 * 32
-    assert plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"]
+    assert plan.launch.function is driver.kernel(spec) and plan.grid == B * 8 * spec.tiles_per_head
+    wave = driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0) * sm_count
+    early = bool(plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"])
+    assert early == prefetch_state(plan.grid, wave) and (early or tiling != "spread")
 
 
 @pytest.mark.parametrize("T", [4, 8])

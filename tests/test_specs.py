@@ -66,6 +66,11 @@ def test_choice_of_tiling():
         assert [pick(T, writes, 8) for T in (2, 4, 5, 8)] == ["narrow", "narrow", "spread", "spread"]
         assert [pick(T, writes, 16) for T in (4, 5, 8)] == ["narrow", "spread", "spread"]
         assert pick(8, writes, 17) == "narrow"  # 136 narrow blocks
+        # Narrow grids of more than 3.5 blocks per SM (462 on 132 SMs): at T >= 5, 8-row blocks; B = 8
+        # at HV = 8, B = 2 at HV = 32, B = 1 at HV = 64.
+        assert [pick(T, writes, 64) for T in (3, 4, 5, 8)] == ["narrow", "narrow", "slim", "slim"]
+        assert [pick(8, writes, pairs) for pairs in (48, 56, 57, 58, 65)] == ["narrow"] * 3 + ["slim"] * 2
+        assert pick(8, writes, 66) == ("store" if writes else "mma")  # 132 wide blocks
     assert choose_spec(128, 64, 8, "bf16", "fp32", writes_states=False, batch_heads=1,
                        sm_count=SMS).tiling_name == "narrow"
     # Only measured at K = V = 128.
