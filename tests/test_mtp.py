@@ -167,22 +167,23 @@ def test_mma_tiling_chosen_for_update_mode(T, dtype):
 def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     """H = 4, HV = 8 at the largest batch for which the dispatcher picks the tiling on this GPU
     (132 SMs: spread at B = 2, 128 narrow blocks; slim at B = 8, 512 narrow blocks): the kernel it
-    launches, one row padded, after a previous kernel on the stream (the state fetched early where
-    the grid is small)."""
+    launches, one row padded where B > 1, after a previous kernel on the stream (the state fetched
+    early where the grid is small)."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
 
     def spec_for(B: int):
         return mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * 8,
                                sm_count=sm_count)
 
-    batches = [B for B in range(2, 65) if spec_for(B).tiling_name == tiling]
+    batches = [B for B in range(1, 65) if spec_for(B).tiling_name == tiling]
     if not batches:
         pytest.skip(f"no batch picks the {tiling} tiling on {sm_count} SMs")
     B, spec = batches[-1], spec_for(batches[-1])
     generator = torch.Generator().manual_seed(10 * T + len(mode) + len(tiling))
     inputs = make_inputs(B, T, 4, 8, pool_size=B * (T + 2) + 2, generator=generator)
     gated_delta_rule_mtp(**inputs, disable_state_update=True)  # a previous kernel on the stream
-    inputs["initial_state_indices"][1] = -1
+    if B > 1:
+        inputs["initial_state_indices"][1] = -1
     mtp.forget_plans()
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
     (plan,) = mtp._plans.values()
