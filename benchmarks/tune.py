@@ -76,6 +76,7 @@ VARIANTS = {
     "epl4_rpt2": variant(elems_per_lane=4, rows_per_thread=2),  # 8 rows per block, 32 lanes per row
     "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
     "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),
+    "epl32_rpt1_t64_mb16": variant(threads=64, elems_per_lane=32, rows_per_thread=1, min_blocks=16),  # 64 registers
     # One tile per head at K = V = 128 (the q/k normalisation and gates once per head, not twice).
     "t256_epl16_rpt4": variant(threads=256, elems_per_lane=16, rows_per_thread=4),
     "t256_rpt2": variant(threads=256, rows_per_thread=2),

@@ -29,7 +29,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Each call picks one of seven tilings (choose_spec), from
+# (0: none, the compiler's choice). Each call picks one of eight tilings (choose_spec), from
 # measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
@@ -46,6 +46,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             did not gain (equal at 1.9 blocks per SM, slower at 2.9 and 3.4).
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
+#   lean      buffer and scatter calls at T = 2 with at least 7 (b, hv) pairs per SM: the wide
+#             tiling's 32 rows per block with 8 lanes per row and 2 rows per thread (80 registers,
+#             not 120). 1-2% faster there on an H100 and an H200; smaller grids and update mode lost.
 #   mma       update mode at T >= 7, and at T = 5-6 once the grid holds two waves of it: the token
 #             loop in chunk form with the state products on the tensor cores (fewer instructions
 #             per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
@@ -61,13 +64,16 @@ SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_B
 SLIM_FROM_TOKENS = 5  # measured at T = 4-8 (benchmarks/NOTES.md v14)
 SLIM_ABOVE_NARROW_WAVES = 3.5  # narrow blocks per SM: 3.4 kept narrow faster, 3.9 slim (v14)
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
+LEAN_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
+LEAN_TOKENS = 2  # measured at T = 2 only (benchmarks/NOTES.md v15)
+LEAN_FROM_PAIRS_PER_SM = 7  # 512 pairs on 132 SMs tied (H100), 1024 gained
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
 MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging) exceeds 48 KB at K = 128
 MMA_FROM_TOKENS = 5  # measured on an H100 and an H200 (benchmarks/NOTES.md v9) at K = V = 128
 MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves gained
 MMA_MIN_WAVES = 2
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim")
+TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim", "lean")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
@@ -80,6 +86,8 @@ def tiling_for(num_tokens: int, name: str = "wide") -> dict:
         return dict(SLIM_TILING)
     if name == "store":
         return dict(STORE_TILING)
+    if name == "lean":
+        return dict(LEAN_TILING)
     if name == "mma":
         return dict(MMA_TILING)
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
@@ -194,9 +202,9 @@ def choose_spec(
     B * HV and the GPU's multiprocessor count (see the tilings above)."""
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
+    measured = K == V == PREBUILT_HEAD_DIM  # the head dims the choices below were measured at
     if blocks < sm_count:
         narrow_blocks = batch_heads * KernelSpec(K, V, T, input_dtype, state_dtype, "narrow").tiles_per_head
-        measured = K == V == PREBUILT_HEAD_DIM
         if measured and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count:
             name = "spread"
         elif measured and T >= SLIM_FROM_TOKENS and narrow_blocks > SLIM_ABOVE_NARROW_WAVES * sm_count:
@@ -205,6 +213,8 @@ def choose_spec(
             name = "narrow"
     elif writes_states and T >= STORE_FROM_TOKENS:
         name = "store"
+    elif writes_states and T == LEAN_TOKENS and measured and batch_heads >= LEAN_FROM_PAIRS_PER_SM * sm_count:
+        name = "lean"
     elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):
         name = "mma"
     elif wide.min_blocks_per_sm and blocks < wide.min_blocks_per_sm * sm_count:
@@ -262,6 +272,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("uncapped")
     if num_tokens >= STORE_FROM_TOKENS:
         names.append("store")
+    if num_tokens == LEAN_TOKENS:
+        names.append("lean")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("mma")
     if num_tokens >= SPREAD_FROM_TOKENS:

@@ -193,6 +193,26 @@ def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     assert early == prefetch_state(plan.grid, wave) and (early or tiling != "spread")
 
 
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+def test_lean_tiling_chosen_by_the_dispatcher(mode):
+    """T = 2 with per-token states at the smallest batch that picks the lean tiling on this GPU
+    (132 SMs: B = 29 at HV = 32), int64 indices, padding rows and an allocated output."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV, T = 16, 32, 2
+    B = next(B for B in range(1, 4096) if mtp.choose_spec(
+        128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count).tiling_name == "lean")
+    generator = torch.Generator().manual_seed(B + len(mode))
+    inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 1) + 3, generator=generator)
+    inputs["initial_state_indices"] = inputs["initial_state_indices"].long()
+    inputs["initial_state_indices"][[0, B - 1]] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    (plan,) = mtp._plans.values()
+    spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count)
+    assert spec.tiling_name == "lean" and plan.launch.function is driver.kernel(spec)
+    assert plan.grid == B * HV * spec.tiles_per_head
+
+
 @pytest.mark.parametrize("T", [4, 8])
 def test_start_delay_is_correct(T):
     """A grid of more than one wave in update mode, where part of the first wave starts late."""

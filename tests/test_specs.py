@@ -49,8 +49,11 @@ def test_choice_of_tiling():
 
     # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
     assert [pick(T, writes, 32) for T in (2, 4, 8) for writes in (False, True)] == ["narrow"] * 6
-    # Per-token states at T >= 3 once the grid is full; at T <= 2 the wide tiling keeps them.
+    # Per-token states at T >= 3 once the grid is full; at T <= 2 the wide tiling keeps them, except
+    # at T = 2 from 7 (b, hv) pairs per SM (924 on 132 SMs).
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 8)] == ["wide", "store", "store", "store"]
+    assert [pick(2, True, pairs) for pairs in (512, 923, 924, 1024, 8192)] == ["wide"] * 2 + ["lean"] * 3
+    assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
     # T = 3-4 in update mode: the 96-register cap only once the grid holds more than one capped wave.
     assert pick(4, False, 8 * 32) == "uncapped"  # 512 blocks < 5 * 132
     assert pick(4, False, 32 * 32) == "wide"
@@ -75,6 +78,8 @@ def test_choice_of_tiling():
                        sm_count=SMS).tiling_name == "narrow"
     # Only measured at K = V = 128.
     assert choose_spec(64, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=32 * 32,
+                       sm_count=SMS).tiling_name == "wide"
+    assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=8192,
                        sm_count=SMS).tiling_name == "wide"
 
 
