@@ -20,6 +20,7 @@ with an intermediate_states_buffer) and scatter (one pool slot per token, vLLM-s
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import importlib
 import importlib.metadata
@@ -437,7 +438,13 @@ print(json.dumps({"import_ms": (imported - start) * 1e3, "first_call_ms": (done 
 
 
 def first_call_latency(package_dir: Path) -> dict:
-    """import gdn_nvrtc + the first call of a prebuilt shape, in a fresh process that imports this same package."""
+    """import gdn_nvrtc + the first call of a prebuilt shape, in a fresh process that imports this same package.
+
+    The package's modules are byte-compiled first, as pip does when it installs the wheel: run from a
+    source tree under PYTHONDONTWRITEBYTECODE=1, every fresh process would otherwise compile them
+    again (15-20 ms on the GPU machine, benchmarks/NOTES.md v15). Where the directory is not writable
+    (an installed package), what is there is used and "bytecode" says so."""
+    bytecode = compileall.compile_dir(str(package_dir), quiet=2)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_dir.parent), env.get("PYTHONPATH")]))
     shape = [str(HOST_SHAPE[name]) for name in ("B", "T", "H", "HV")] + [str(K)]
@@ -451,6 +458,7 @@ def first_call_latency(package_dir: Path) -> dict:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["total_ms"] = result["import_ms"] + result["first_call_ms"]
+    result["bytecode"] = "compiled before" if bytecode else "as installed (compiling it failed)"
     return result
 
 
@@ -540,7 +548,8 @@ def _first_call_line(result: dict) -> str:
     if "error" in result:
         return f"failed: {result['error']}"
     return (f"{result['total_ms']:.1f} ms (import {result['import_ms']:.1f} ms + first call "
-            f"{result['first_call_ms']:.1f} ms), NVRTC loaded: {'yes' if result['nvrtc_loaded'] else 'no'}")
+            f"{result['first_call_ms']:.1f} ms), NVRTC loaded: {'yes' if result['nvrtc_loaded'] else 'no'}, "
+            f"bytecode {result.get('bytecode', 'n/a')}")
 
 
 # ---------------------------------------------------------------- command line
