@@ -77,19 +77,16 @@ TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim", 
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 
 
+# The tilings that do not depend on T (wide and uncapped do, through WIDE_TILINGS).
+FIXED_TILINGS = {
+    "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
+    "slim": SLIM_TILING, "lean": LEAN_TILING,
+}
+
+
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
-    if name == "narrow":
-        return dict(NARROW_TILING)
-    if name == "spread":
-        return dict(SPREAD_TILING)
-    if name == "slim":
-        return dict(SLIM_TILING)
-    if name == "store":
-        return dict(STORE_TILING)
-    if name == "lean":
-        return dict(LEAN_TILING)
-    if name == "mma":
-        return dict(MMA_TILING)
+    if name in FIXED_TILINGS:
+        return dict(FIXED_TILINGS[name])
     wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
     return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
 

@@ -3,6 +3,7 @@ import struct
 import pytest
 
 from gdn_nvrtc.specs import (
+    FIXED_TILINGS,
     FLAGS,
     MAX_TOKENS,
     MMA_MAX_HEAD_DIM_K,
@@ -81,6 +82,11 @@ def test_choice_of_tiling():
                        sm_count=SMS).tiling_name == "wide"
     assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=8192,
                        sm_count=SMS).tiling_name == "wide"
+
+
+def test_every_tiling_name_has_a_tiling():
+    assert set(TILING_NAMES) == set(FIXED_TILINGS) | {"wide", "uncapped"}
+    assert len(TILING_NAMES) == len(set(TILING_NAMES))
 
 
 @pytest.mark.parametrize("K", SUPPORTED_HEAD_DIMS)
