@@ -111,3 +111,23 @@ def test_arguments():
 def test_bad_heads_are_rejected(heads):
     with pytest.raises(SystemExit):
         bench_mtp.parse_args(["--heads", heads])
+
+
+def test_first_call_byte_compiles_the_package_before_the_fresh_process(tmp_path, monkeypatch):
+    """A wheel install leaves byte-code beside the modules; from a source tree (where the GPU machine
+    writes none) the bench compiles it first, so the fresh process does not compile the package."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "module.py").write_text("VALUE = 1\n")
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["pyc"] = sorted(path.name.split(".")[0] for path in (package / "__pycache__").glob("*.pyc"))
+        stdout = '{"import_ms": 1.5, "first_call_ms": 20.0, "nvrtc_loaded": false}\n'
+        return bench_mtp.subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(bench_mtp.subprocess, "run", fake_run)
+    result = bench_mtp.first_call_latency(package)
+    assert seen["pyc"] == ["module"]
+    assert result["total_ms"] == 21.5 and result["bytecode"] == "compiled before"
+    assert bench_mtp._first_call_line(result).endswith("NVRTC loaded: no, bytecode compiled before")
