@@ -131,30 +131,35 @@ def _ptxas_number(log: str, pattern: str) -> int:
     return int(match.group(1))
 
 
-def compile_spec(spec: KernelSpec) -> CompiledKernel:
-    """Compile one spec; raises CompileError with NVRTC's log on failure."""
+def compile_source(source: str, filename: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """Compile CUDA source to an sm_90a cubin with NVRTC_OPTIONS plus `options`; (cubin, log).
+    Raises CompileError with NVRTC's log on failure."""
     nvrtc = _nvrtc()
-    source = render(spec).encode()
-    result, program = nvrtc.nvrtcCreateProgram(source, f"{spec.name}.cu".encode(), 0, [], [])
+    result, program = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], [])
     _check(nvrtc, result, "nvrtcCreateProgram")
     try:
-        options = [option.encode() for option in NVRTC_OPTIONS]
-        (compile_result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        encoded = [option.encode() for option in (*NVRTC_OPTIONS, *options)]
+        (compile_result,) = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
         result, size = nvrtc.nvrtcGetProgramLogSize(program)
         _check(nvrtc, result, "nvrtcGetProgramLogSize")
         log_buffer = bytearray(size)
         (result,) = nvrtc.nvrtcGetProgramLog(program, log_buffer)
         _check(nvrtc, result, "nvrtcGetProgramLog")
         log = bytes(log_buffer).rstrip(b"\x00 ").decode(errors="replace")
-        _check(nvrtc, compile_result, f"compiling {spec.name}", log)
+        _check(nvrtc, compile_result, f"compiling {filename}", log)
         result, size = nvrtc.nvrtcGetCUBINSize(program)
         _check(nvrtc, result, "nvrtcGetCUBINSize")
         cubin_buffer = bytearray(size)
         (result,) = nvrtc.nvrtcGetCUBIN(program, cubin_buffer)
         _check(nvrtc, result, "nvrtcGetCUBIN")
-        cubin = bytes(cubin_buffer)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
+    return bytes(cubin_buffer), log
+
+
+def compile_spec(spec: KernelSpec) -> CompiledKernel:
+    """Compile one spec; raises CompileError with NVRTC's log on failure."""
+    cubin, log = compile_source(render(spec), f"{spec.name}.cu")
     return CompiledKernel(
         spec=spec,
         cubin=cubin,

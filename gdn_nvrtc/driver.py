@@ -55,16 +55,20 @@ def kernel(spec: KernelSpec) -> cu.CUfunction:
         with _lock:
             function = _kernels.get(spec)
             if function is None:
-                _init()
-                cubin = load_cubin(spec)
-                result, library = cu.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)
-                check(result, f"loading the cubin of {spec.name} (cuLibraryLoadData)")
-                result, handle = cu.cuLibraryGetKernel(library, spec.name.encode())
-                check(result, f"finding kernel {spec.name} in its cubin (cuLibraryGetKernel)")
-                _libraries.append(library)
-                function = cu.CUfunction(int(handle))
-                _kernels[spec] = function
+                function = _kernels[spec] = load_kernel(load_cubin(spec), spec.name)
     return function
+
+
+def load_kernel(cubin: bytes, name: str) -> cu.CUfunction:
+    """Load a cubin as a context-independent library (kept for the life of the process) and
+    return its kernel `name`."""
+    _init()
+    result, library = cu.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)
+    check(result, f"loading the cubin of {name} (cuLibraryLoadData)")
+    result, handle = cu.cuLibraryGetKernel(library, name.encode())
+    check(result, f"finding kernel {name} in its cubin (cuLibraryGetKernel)")
+    _libraries.append(library)
+    return cu.CUfunction(int(handle))
 
 
 def _primary_context(device_index: int) -> int:

@@ -1,0 +1,77 @@
+"""benchmarks/ceiling.py: its mover compiles without a GPU, and on one it moves exactly the states a
+buffer or scatter call writes (the ceiling it measures is only meaningful for the same traffic)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import ceiling  # noqa: E402
+
+from gdn_nvrtc.reference import make_inputs  # noqa: E402
+
+
+@pytest.mark.parametrize(("T", "K", "V"), [(1, 128, 128), (2, 128, 128), (8, 64, 64), (16, 256, 256), (4, 128, 64)])
+def test_mover_compiles(T, K, V):
+    assert ceiling.compile_mover(T, K, V)[:4] == b"\x7fELF"
+
+
+def test_arguments():
+    args = ceiling.parse_args(["--modes", "scatter", "--T", "2", "4", "--B", "256", "--heads", "4,8"])
+    assert (args.modes, args.T, args.B, args.heads) == (["scatter"], [2, 4], [256], [(4, 8)])
+    with pytest.raises(SystemExit):
+        ceiling.parse_args(["--modes", "gather"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])  # update writes back what it read: no visible change
+def test_mover_writes_the_states_of_each_mode(mode):
+    B, T, H, HV, K = 5, 3, 2, 4, 128
+    generator = torch.Generator().manual_seed(7)
+    pool_size = 4 * B * (T + 1)
+    inputs = make_inputs(B, T, H, HV, pool_size=pool_size, generator=generator)
+    pool = inputs["initial_state"]
+    order = torch.randperm(pool_size, generator=generator).to(torch.int32).cuda()
+    inputs["initial_state_indices"] = order[:B].clone()
+    inputs["initial_state_indices"][1] = -1  # a padding row: moves nothing
+    if mode == "buffer":
+        inputs["intermediate_states_buffer"] = torch.full((B, T, HV, K, K), float("nan"), device="cuda")
+    if mode == "scatter":
+        inputs["ssm_state_indices"] = order[B : B * (T + 1)].reshape(B, T).clone()
+        inputs["ssm_state_indices"][3, 1] = pool_size  # out of range: skipped
+    before = pool.clone()
+
+    call = ceiling.Mover(T, K, K).bind(inputs)
+    call()
+    torch.cuda.synchronize()
+
+    expected = before.clone()
+    reads = inputs["initial_state_indices"].tolist()
+    for b, slot in enumerate(reads):
+        if slot < 0:
+            continue
+        if mode == "scatter":
+            for target in inputs["ssm_state_indices"][b].tolist():
+                if 0 <= target < pool_size:
+                    expected[target] = before[slot]
+        elif mode == "buffer":
+            assert torch.equal(inputs["intermediate_states_buffer"][b], before[slot].expand(T, -1, -1, -1))
+    assert torch.equal(pool, expected)  # the scatter targets, and nothing else
+    if mode == "buffer":
+        assert inputs["intermediate_states_buffer"][1].isnan().all()  # the padding row's stay poisoned
+
+
+def test_mover_refuses_arguments_it_cannot_move():
+    class FakeMover(ceiling.Mover):
+        def __init__(self) -> None:
+            self.T = 2
+
+    v = torch.empty(1, 3, 4, 128)
+    with pytest.raises(ValueError, match="compiled for T=2"):
+        FakeMover().bind({"v": v, "initial_state": torch.empty(1, 4, 128, 128),
+                          "initial_state_indices": torch.zeros(1, dtype=torch.int32)})
