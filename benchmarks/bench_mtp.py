@@ -598,10 +598,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def hopper_visible(program: str) -> bool:
+    """Whether torch sees a Hopper GPU; if not, says so on stderr for `program`."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        return True
+    print(f"{program}: needs a Hopper GPU (compute capability 9.0) visible to torch; nothing to time", file=sys.stderr)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        print("bench: needs a Hopper GPU (compute capability 9.0) visible to torch; nothing to time", file=sys.stderr)
+    if not hopper_visible("bench"):
         return 2
     # imported here, not at the top, so that --help needs neither the package nor its CUDA bindings
     import gdn_nvrtc

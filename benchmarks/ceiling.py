@@ -111,8 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        print("ceiling: needs a Hopper GPU (compute capability 9.0) visible to torch", file=sys.stderr)
+    if not bench_mtp.hopper_visible("ceiling"):
         return 2
     import gdn_nvrtc
 

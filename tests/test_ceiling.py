@@ -75,3 +75,9 @@ def test_mover_refuses_arguments_it_cannot_move():
     with pytest.raises(ValueError, match="compiled for T=2"):
         FakeMover().bind({"v": v, "initial_state": torch.empty(1, 4, 128, 128),
                           "initial_state_indices": torch.zeros(1, dtype=torch.int32)})
+
+
+def test_without_a_hopper_gpu_it_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ceiling.main(["--T", "2"]) == 2
+    assert "ceiling: needs a Hopper GPU" in capsys.readouterr().err
