@@ -57,7 +57,7 @@ class Mover:
     def __init__(self, T: int, K: int, V: int) -> None:
         from gdn_nvrtc import driver
 
-        self.T = T
+        self.T, self.K, self.V = T, K, V
         self.function = driver.load_kernel(compile_mover(T, K, V), KERNEL_NAME)
 
     def bind(self, kwargs: dict[str, Any]) -> Callable[[], None]:
@@ -68,6 +68,9 @@ class Mover:
         B, T, HV, V = kwargs["v"].shape
         if T != self.T:
             raise ValueError(f"this mover was compiled for T={self.T}, the call has T={T}")
+        if pool.shape[2:] != (self.V, self.K):
+            raise ValueError(f"this mover was compiled for {self.V} x {self.K} states, the pool's are "
+                             f"{pool.shape[2]} x {pool.shape[3]}")
         if not pool.is_contiguous() or read_slots.dtype != torch.int32:
             raise ValueError("the mover needs a contiguous pool and int32 read slots")
         if scatter is not None and (not scatter.is_contiguous() or scatter.dtype != torch.int32):
@@ -81,7 +84,6 @@ class Mover:
                           HV, pool.shape[0], MOVE_MODES[mode])
         pointers = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         launch = driver.Launch(self.function, mover_grid(B, HV, V), THREADS, pool.device.index)
-
         address = ctypes.addressof(pointers)
 
         def call() -> None:

@@ -69,12 +69,15 @@ def test_mover_writes_the_states_of_each_mode(mode):
 def test_mover_refuses_arguments_it_cannot_move():
     class FakeMover(ceiling.Mover):
         def __init__(self) -> None:
-            self.T = 2
+            self.T, self.K, self.V = 2, 128, 128
 
-    v = torch.empty(1, 3, 4, 128)
+    slots = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="compiled for T=2"):
-        FakeMover().bind({"v": v, "initial_state": torch.empty(1, 4, 128, 128),
-                          "initial_state_indices": torch.zeros(1, dtype=torch.int32)})
+        FakeMover().bind({"v": torch.empty(1, 3, 4, 128), "initial_state": torch.empty(1, 4, 128, 128),
+                          "initial_state_indices": slots})
+    with pytest.raises(ValueError, match="compiled for 128 x 128 states, the pool's are 64 x 64"):
+        FakeMover().bind({"v": torch.empty(1, 2, 4, 64), "initial_state": torch.empty(1, 4, 64, 64),
+                          "initial_state_indices": slots})
 
 
 def test_without_a_hopper_gpu_it_says_so(monkeypatch, capsys):
