@@ -27,9 +27,9 @@ import bench_mtp  # noqa: E402
 from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, mtp, specs  # noqa: E402
 
 
-def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0) -> dict:
+def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0, short_chain=0) -> dict:
     return {"THREADS": threads, "ELEMS_PER_LANE": elems_per_lane, "ROWS_PER_THREAD": rows_per_thread,
-            "MIN_BLOCKS": min_blocks}
+            "MIN_BLOCKS": min_blocks, "SHORT_CHAIN": short_chain}
 
 
 VARIANTS = {
@@ -44,7 +44,11 @@ VARIANTS = {
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling
     "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early
+    "pf_wave06": {"specs.PREFETCH_STATE_MAX_WAVES": 0.6},  # grids of up to 0.6 waves
+    "pf_wave075": {"specs.PREFETCH_STATE_MAX_WAVES": 0.75},
     "pf_wave1": {"specs.PREFETCH_STATE_MAX_WAVES": 1},  # grids of up to one wave
+    "pf_short05": {"specs.PREFETCH_SHORT_CHAIN_UPDATE_MAX_WAVES": 0.5},  # the short-chain tilings' limit
+    "slim_above35": {"specs.SLIM_NOT_NARROW_WAVES": (0, 3.5)},  # where the slim tiling went before v17
     "pf_always": {"specs.PREFETCH_STATE_MAX_WAVES": 1e9},
     "by_t_delay3us": {"specs.STAGGER_NS": 3000},  # specs.start_delay with another delay
     "by_t_delay9us": {"specs.STAGGER_NS": 9000},
@@ -73,6 +77,12 @@ VARIANTS = {
     "epl16_rpt1_t64": variant(threads=64, elems_per_lane=16, rows_per_thread=1),
     "epl8_rpt1": variant(elems_per_lane=8, rows_per_thread=1),
     "epl4_rpt1": variant(elems_per_lane=4, rows_per_thread=1),  # 4 rows per block (B = 1 at few heads)
+    "narrow_long": variant(elems_per_lane=16),  # the narrow, slim and spread tilings without the short chain
+    "slim_long": variant(elems_per_lane=8),
+    "spread_long": variant(elems_per_lane=4),
+    "narrow_short": variant(elems_per_lane=16, short_chain=1),  # ... with it (as shipped)
+    "slim_short": variant(elems_per_lane=8, short_chain=1),
+    "spread_short": variant(elems_per_lane=4, short_chain=1),
     "epl4_rpt2": variant(elems_per_lane=4, rows_per_thread=2),  # 8 rows per block, 32 lanes per row
     "epl32_rpt1": variant(elems_per_lane=32, rows_per_thread=1),
     "epl32_rpt1_t64": variant(threads=64, elems_per_lane=32, rows_per_thread=1),

@@ -58,6 +58,7 @@ def render(spec: KernelSpec) -> str:
         rows_per_thread=spec.rows_per_thread,
         min_blocks=spec.min_blocks_per_sm,
         mma=spec.uses_mma,
+        short_chain=spec.short_chain,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

@@ -345,7 +345,7 @@ def _make_plan(
         wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
         if start_delays and start_delay_applies(spec, writes_states=writes_states):
             stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
-        if prefetch_state(grid, wave):
+        if prefetch_state(spec, grid, wave, writes_states=writes_states):
             flags |= FLAGS["PREFETCH_STATE"]
     if output is None:
         out_strides = (T * HV * V, HV * V, V)

@@ -29,8 +29,11 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). Each call picks one of eight tilings (choose_spec), from
-# measurements on an H200 (benchmarks/NOTES.md):
+# (0: none, the compiler's choice). SHORT_CHAIN marks the tilings of grids smaller than one wave at
+# T >= 5: their token loop takes the decay's rescale as a multiply and its reciprocal in one
+# instruction, so no branch or call sits between tokens (v17: 5-13% faster at B = 1-8 there; it cost
+# the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of
+# eight tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
 #             (5 blocks per SM) pays once the grid is larger than one wave of such blocks.
@@ -40,10 +43,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8): four times its blocks, a quarter of its
 #             arithmetic per thread and token.
-#   slim      8 rows per block, 16 lanes per row, at T >= 5 for narrow grids of more than 3.5 blocks
-#             per SM (B = 8 at HV = 8, B = 2 at HV = 32, B = 1 at HV = 64 on 132 SMs): twice the
-#             narrow tiling's blocks, half of its arithmetic per thread and token. Smaller narrow grids
-#             did not gain (equal at 1.9 blocks per SM, slower at 2.9 and 3.4).
+#   slim      8 rows per block, 16 lanes per row, at T >= 5 for the other narrow grids, except those
+#             of 2-3.5 narrow blocks per SM (B = 5-7 at HV = 8 on 132 SMs), where the narrow tiling
+#             stayed faster (v17); twice the narrow tiling's blocks, half of its arithmetic per thread
+#             and token.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read.
 #   lean      buffer and scatter calls at T = 2 with at least 7 (b, hv) pairs per SM: the wide
@@ -58,11 +61,11 @@ WIDE_TILINGS = (  # (largest T, tiling)
     (MAX_TOKENS, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 0}),
 )
 NARROW_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
-SPREAD_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 4, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+SPREAD_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 4, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0, "SHORT_CHAIN": 1}
 SPREAD_FROM_TOKENS = 5  # measured at T = 2-8 (benchmarks/NOTES.md v13); below, the narrow tiling was faster
-SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0}
+SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_BLOCKS": 0, "SHORT_CHAIN": 1}
 SLIM_FROM_TOKENS = 5  # measured at T = 4-8 (benchmarks/NOTES.md v14)
-SLIM_ABOVE_NARROW_WAVES = 3.5  # narrow blocks per SM: 3.4 kept narrow faster, 3.9 slim (v14)
+SLIM_NOT_NARROW_WAVES = (2.0, 3.5)  # narrow blocks per SM where the narrow tiling stays (v17; v14: <= 3.5)
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
 LEAN_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
 LEAN_TOKENS = 2  # measured at T = 2 only (benchmarks/NOTES.md v15)
@@ -151,6 +154,11 @@ class KernelSpec:
         return bool(self.tiling.get("MMA"))
 
     @property
+    def short_chain(self) -> bool:
+        """The token loop without a branch or a call per token (the tilings for grids of less than a wave)."""
+        return bool(self.tiling.get("SHORT_CHAIN"))
+
+    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values); in the mma form a
         quad of lanes holds two rows."""
@@ -204,7 +212,9 @@ def choose_spec(
         narrow_blocks = batch_heads * KernelSpec(K, V, T, input_dtype, state_dtype, "narrow").tiles_per_head
         if measured and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count:
             name = "spread"
-        elif measured and T >= SLIM_FROM_TOKENS and narrow_blocks > SLIM_ABOVE_NARROW_WAVES * sm_count:
+        elif measured and T >= SLIM_FROM_TOKENS and not (
+            SLIM_NOT_NARROW_WAVES[0] * sm_count < narrow_blocks <= SLIM_NOT_NARROW_WAVES[1] * sm_count
+        ):
             name = "slim"
         else:
             name = "narrow"
@@ -257,9 +267,17 @@ def start_delay(spec: KernelSpec, *, writes_states: bool, grid: int, wave: int) 
 PREFETCH_STATE_MAX_WAVES = 0.5
 
 
-def prefetch_state(grid: int, wave: int) -> bool:
-    """Whether a grid of `grid` blocks, of which the GPU holds `wave` at once, fetches its state early."""
-    return grid <= PREFETCH_STATE_MAX_WAVES * wave
+# The short-chain tilings in update mode: grids of up to a whole wave gained (v17, H200: slim at B = 8
+# HV = 8 T = 8 9.1 -> 8.6 us, B = 1 HV = 64 T = 5 8.3 -> 7.1); with per-token states they lost 3%.
+PREFETCH_SHORT_CHAIN_UPDATE_MAX_WAVES = 1.0
+
+
+def prefetch_state(spec: KernelSpec, grid: int, wave: int, *, writes_states: bool) -> bool:
+    """Whether a grid of `grid` blocks of `spec`, of which the GPU holds `wave` at once, fetches its
+    state early."""
+    short_update = spec.short_chain and not writes_states
+    limit = PREFETCH_SHORT_CHAIN_UPDATE_MAX_WAVES if short_update else PREFETCH_STATE_MAX_WAVES
+    return grid <= limit * wave
 
 
 def tilings_chosen(num_tokens: int) -> tuple[str, ...]:

@@ -190,7 +190,8 @@ def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     assert plan.launch.function is driver.kernel(spec) and plan.grid == B * 8 * spec.tiles_per_head
     wave = driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0) * sm_count
     early = bool(plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"])
-    assert early == prefetch_state(plan.grid, wave) and (early or tiling != "spread")
+    assert early == prefetch_state(spec, plan.grid, wave, writes_states=mode != "update")
+    assert early or tiling != "spread"
 
 
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])
@@ -431,10 +432,14 @@ def test_misaligned_pool_is_refused_after_an_aligned_call_of_the_same_shape():
     assert same_bits(storage, before)
 
 
+@pytest.mark.parametrize("tiling", ["chosen", *TILING_NAMES])
 @pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
-def test_strong_decay_over_many_tokens(mode):
+def test_strong_decay_over_many_tokens(monkeypatch, tiling, mode):
     """alpha ~ 0.1 per token: the decay the kernel folds into the state's scale crosses the point
-    where it is applied to the registers in the middle of the sequence, at different tokens per head."""
+    where it is applied to the registers in the middle of the sequence, at different tokens per head.
+    In every tiling: the short-chain ones (specs.SHORT_CHAIN) apply it without a branch."""
+    if tiling != "chosen":
+        force_tiling(monkeypatch, tiling)
     generator = torch.Generator().manual_seed(7)
     inputs = make_inputs(5, 8, 4, 8, gate_dtype=torch.float32, pool_size=48)
     inputs["A_log"].zero_()

@@ -49,7 +49,7 @@ def test_choice_of_tiling():
                            sm_count=SMS).tiling_name
 
     # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
-    assert [pick(T, writes, 32) for T in (2, 4, 8) for writes in (False, True)] == ["narrow"] * 6
+    assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
     # Per-token states at T >= 3 once the grid is full; at T <= 2 the wide tiling keeps them, except
     # at T = 2 from 7 (b, hv) pairs per SM (924 on 132 SMs).
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 8)] == ["wide", "store", "store", "store"]
@@ -63,17 +63,18 @@ def test_choice_of_tiling():
     assert [pick(T, False, 8 * 32) for T in (5, 6, 7, 8)] == ["wide", "wide", "mma", "mma"]
     assert [pick(T, False, 32 * 32) for T in (5, 6, 7, 8)] == ["mma"] * 4  # 2048 blocks >= 2 * 4 * 132
     assert pick(6, False, 16 * 32) == "wide"  # 1024 blocks
-    assert pick(8, True, 32 * 32) == "store" and pick(8, False, 32) == "narrow"
+    assert pick(8, True, 32 * 32) == "store" and pick(4, False, 32) == "narrow"
     # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks): at T >= 5,
     # 4-row blocks; B = 1-2 at HV = 8 (64 or 128 narrow blocks).
     for writes in (False, True):
         assert [pick(T, writes, 8) for T in (2, 4, 5, 8)] == ["narrow", "narrow", "spread", "spread"]
         assert [pick(T, writes, 16) for T in (4, 5, 8)] == ["narrow", "spread", "spread"]
-        assert pick(8, writes, 17) == "narrow"  # 136 narrow blocks
-        # Narrow grids of more than 3.5 blocks per SM (462 on 132 SMs): at T >= 5, 8-row blocks; B = 8
-        # at HV = 8, B = 2 at HV = 32, B = 1 at HV = 64.
+        # Other narrow grids at T >= 5: 8-row blocks (B = 3-4 and 8 at HV = 8, B = 1-2 at HV = 32, B = 1
+        # at HV = 64), except at 2-3.5 narrow blocks per SM (265-462 on 132 SMs: B = 5-7 at HV = 8).
         assert [pick(T, writes, 64) for T in (3, 4, 5, 8)] == ["narrow", "narrow", "slim", "slim"]
-        assert [pick(8, writes, pairs) for pairs in (48, 56, 57, 58, 65)] == ["narrow"] * 3 + ["slim"] * 2
+        assert [pick(T, writes, 32) for T in (4, 5, 8)] == ["narrow", "slim", "slim"]
+        pairs = (17, 32, 33, 34, 40, 56, 57, 58, 65)
+        assert [pick(8, writes, n) for n in pairs] == ["slim"] * 3 + ["narrow"] * 4 + ["slim"] * 2
         assert pick(8, writes, 66) == ("store" if writes else "mma")  # 132 wide blocks
     assert choose_spec(128, 64, 8, "bf16", "fp32", writes_states=False, batch_heads=1,
                        sm_count=SMS).tiling_name == "narrow"
@@ -145,7 +146,14 @@ def test_start_delay_policy():
 
 def test_early_state_fetch_policy():
     wave = 8 * SMS
-    assert prefetch_state(1, wave) and prefetch_state(wave // 2, wave)
-    assert not prefetch_state(wave // 2 + 1, wave) and not prefetch_state(40 * wave, wave)
+    for spec, writes in [(KernelSpec(128, 128, 8, "bf16"), False), (KernelSpec(128, 128, 8, "bf16", tiling_name="slim"), True)]:
+        assert prefetch_state(spec, 1, wave, writes_states=writes) and prefetch_state(spec, wave // 2, wave, writes_states=writes)
+        assert not prefetch_state(spec, wave // 2 + 1, wave, writes_states=writes)
+    # The short-chain tilings in update mode: up to a whole wave.
+    for tiling in ("slim", "spread"):
+        spec = KernelSpec(128, 128, 8, "bf16", tiling_name=tiling)
+        assert spec.short_chain and prefetch_state(spec, wave, wave, writes_states=False)
+        assert not prefetch_state(spec, wave + 1, wave, writes_states=False)
+    assert not KernelSpec(128, 128, 8, "bf16", tiling_name="narrow").short_chain
     bits = list(FLAGS.values())
     assert len(set(bits)) == len(bits) and all(bit & (bit - 1) == 0 for bit in bits)
