@@ -146,9 +146,11 @@ def test_start_delay_policy():
 
 def test_early_state_fetch_policy():
     wave = 8 * SMS
-    for spec, writes in [(KernelSpec(128, 128, 8, "bf16"), False), (KernelSpec(128, 128, 8, "bf16", tiling_name="slim"), True)]:
-        assert prefetch_state(spec, 1, wave, writes_states=writes) and prefetch_state(spec, wave // 2, wave, writes_states=writes)
-        assert not prefetch_state(spec, wave // 2 + 1, wave, writes_states=writes)
+    # Half a wave, except for the short-chain tilings in update mode.
+    for tiling, writes in [("wide", False), ("narrow", False), ("slim", True), ("spread", True)]:
+        spec = KernelSpec(128, 128, 8, "bf16", tiling_name=tiling)
+        for grid, early in [(1, True), (wave // 2, True), (wave // 2 + 1, False), (40 * wave, False)]:
+            assert prefetch_state(spec, grid, wave, writes_states=writes) == early, (tiling, writes, grid)
     # The short-chain tilings in update mode: up to a whole wave.
     for tiling in ("slim", "spread"):
         spec = KernelSpec(128, 128, 8, "bf16", tiling_name=tiling)
