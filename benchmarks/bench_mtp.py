@@ -15,6 +15,10 @@ with an intermediate_states_buffer) and scatter (one pool slot per token, vLLM-s
     python benchmarks/bench_mtp.py --quick
     python benchmarks/bench_mtp.py --modes update --T 2 4 --B 8 32 --heads 16,32
     python -m gdn_nvrtc bench --quick --json /tmp/run.json
+
+The JSON is rewritten after every point ("complete": false until the grid is done), so a run that
+dies keeps what it measured; --resume continues it, or adds another grid to the same file, keeping
+the points already there (same card, method and peers; their floors keep the file's bandwidth).
 """
 
 from __future__ import annotations
@@ -269,6 +273,22 @@ class Implementation:
     bind: Callable[[dict[str, Any]], Callable[[], object]]  # one call's arguments -> a call without arguments
     modes: tuple[str, ...]
     unsupported: str = ""  # why the modes it lacks are n/a
+    refuses: Callable[[str, int, int, int, int], str] | None = None  # (mode, B, T, H, HV) -> why not run there
+
+
+# FlashInfer 0.7.2 addresses its intermediate_states_buffer through a 32-bit flat row index (b * T * HV
+# + t * HV + hv, its `gdn_decode_mtp.py`) of V * K elements each, where its per-token pool scatter
+# widens the same product to 64 bits. A full-grid run (H200) timed it at B = 256, T = 8, HV = 64 (2^31
+# elements, the last that fits) and stopped with an illegal memory access after B = 512 (2^32), which
+# ends the whole process (NOTES v17). So it is not run on larger buffers.
+FLASHINFER_BUFFER_MAX_ELEMENTS = 2**31
+
+
+def flashinfer_refuses(mode: str, B: int, T: int, H: int, HV: int) -> str:
+    if mode == "buffer" and B * T * HV * V * K > FLASHINFER_BUFFER_MAX_ELEMENTS:
+        return ("not run: a buffer of more than 2^31 elements is past FlashInfer's 32-bit buffer index "
+                "(an illegal memory access ends the process)")
+    return ""
 
 
 def _version(distribution: str, module: str) -> str:
@@ -340,7 +360,9 @@ def implementations(
     else:
         flashinfer, status["flashinfer"] = load_flashinfer()
     if flashinfer is not None:
-        found.append(Implementation("flashinfer", lambda kwargs: partial(flashinfer, **kwargs), MODES))
+        found.append(Implementation(
+            "flashinfer", lambda kwargs: partial(flashinfer, **kwargs), MODES, refuses=flashinfer_refuses
+        ))
     if "fla" in without:
         status["fla"] = "skipped (--without fla)"
     else:
@@ -374,6 +396,8 @@ def bench_point(
             row.timings[name] = Timing(note=status[name])
         elif mode not in impl.modes:
             row.timings[name] = Timing(note=f"no {mode} mode: {impl.unsupported}")
+        elif impl.refuses is not None and impl.refuses(mode, B, T, H, HV):
+            row.timings[name] = Timing(note=impl.refuses(mode, B, T, H, HV))
         else:
             calls = [impl.bind(kwargs) for kwargs in arguments]
             row.timings[name] = time_calls(calls, args.repeats, args.min_ms, peer=name != "ours")
@@ -569,6 +593,32 @@ def _axis_values(values: tuple) -> str:
     return " ".join(",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values)
 
 
+def write_report(path: Path, report: dict) -> None:
+    """Replace the JSON at path in one rename: a reader (or a run that dies) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_name(path.name + ".partial")
+    partial_path.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(partial_path, path)
+
+
+def row_key(row: Row) -> tuple:
+    return (row.mode, row.T, row.B, row.H, row.HV)
+
+
+def row_from_dict(data: dict) -> Row:
+    timings = {name: Timing(**timing) for name, timing in data["timings"].items()}
+    return Row(**{**data, "timings": timings})
+
+
+def resume_mismatch(earlier: dict, *, card: str, method: dict, peers: dict) -> str:
+    """Why the rows of an earlier report cannot join this run's ("" if they can): another card,
+    another timing method or other peers."""
+    for what, now in (("card", card), ("method", method), ("peers", peers)):
+        if earlier.get(what) != now:
+            return f"its {what} is {earlier.get(what)!r}, this run's {now!r}"
+    return ""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_mtp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -588,6 +638,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/<date>-<card>.json")
     parser.add_argument("--plot", type=Path, help="default: the JSON path with .png")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the points already in the JSON file (same card, method and peers) and time the "
+                             "rest; the file is rewritten after every point")
     args = parser.parse_args(argv)
     preset = QUICK_GRID if args.quick else GRID
     for axis in GRID:
@@ -620,28 +673,29 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.perf_counter()
     card = torch.cuda.get_device_name()
-    progress(f"bench: {card}; measuring copy bandwidth")
-    bandwidth = copy_bandwidth()
+    today = datetime.date.today().isoformat()
+    json_path = args.json or RESULTS_DIR / f"{today}-{card_slug(card)}.json"
+    plot_path = args.plot or json_path.with_suffix(".png")
+    method = {"state_gb_per_replay": args.state_gb, "repeats": args.repeats, "min_ms": args.min_ms,
+              "seed": args.seed, "timing": "CUDA-graph replay, cold L2; us per call"}
     found, status = implementations(gdn_nvrtc.gated_delta_rule_mtp, not args.no_peers, args.without)
+    earlier: dict[tuple, Row] = {}
+    if args.resume and json_path.exists():
+        earlier_report = json.loads(json_path.read_text())
+        mismatch = resume_mismatch(earlier_report, card=card, method=method, peers=status)
+        if mismatch:
+            print(f"bench: cannot resume {json_path}: {mismatch}", file=sys.stderr)
+            return 2
+        earlier = {row_key(row): row for row in map(row_from_dict, earlier_report["rows"])}
+        bandwidth = earlier_report["copy_bandwidth_gbs"] * 1e9  # one floor for every row of the file
+        progress(f"bench: {card}; resuming {json_path} ({len(earlier)} points done)")
+    else:
+        progress(f"bench: {card}; measuring copy bandwidth")
+        bandwidth = copy_bandwidth()
     progress("bench: host overhead and first-call latency")
     host = host_overhead(found, make_inputs)
     first_call = first_call_latency(Path(gdn_nvrtc.__file__).resolve().parent)
 
-    points = [(m, t, b, h, hv) for m in args.modes for t in args.T for (h, hv) in args.heads for b in args.B]
-    generator = torch.Generator(device="cuda").manual_seed(args.seed)
-    rows = []
-    for index, (mode, T, B, H, HV) in enumerate(points, 1):
-        started = time.perf_counter()
-        row = bench_point(mode, T, B, H, HV, found, status, bandwidth, args, generator)
-        rows.append(row)
-        ours = row.timings["ours"]
-        result = f"{ours.us / row.floor_us:.2f} x floor" if ours.us else ours.note
-        progress(f"[{index}/{len(points)}] {mode} T={T} B={B} H={H} HV={HV} R={row.calls_per_replay}: "
-                 f"ours {result} ({time.perf_counter() - started:.1f} s)")
-
-    today = datetime.date.today().isoformat()
-    json_path = args.json or RESULTS_DIR / f"{today}-{card_slug(card)}.json"
-    plot_path = args.plot or json_path.with_suffix(".png")
     report = {
         "date": today,
         "card": card,
@@ -651,16 +705,39 @@ def main(argv: list[str] | None = None) -> int:
         "driver": driver_version(),
         "gdn_nvrtc": {"version": gdn_nvrtc.__version__, "path": str(Path(gdn_nvrtc.__file__).resolve().parent)},
         "peers": status,
-        "method": {"state_gb_per_replay": args.state_gb, "repeats": args.repeats, "min_ms": args.min_ms,
-                   "seed": args.seed, "timing": "CUDA-graph replay, cold L2; us per call"},
+        "method": method,
         "host_overhead": {"shape": HOST_SHAPE, "calls": HOST_CALLS, "batch": HOST_BATCH, "results": host,
                           "fast_signature_check": gdn_nvrtc.mtp.fast_signature_check()},
         "first_call": {"shape": HOST_SHAPE, **first_call},
-        "wall_s": time.perf_counter() - began,
-        "rows": [asdict(row) for row in rows],
+        "resumed_points": 0,
+        "complete": False,
+        "wall_s": 0.0,
+        "rows": [],
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    points = [(m, t, b, h, hv) for m in args.modes for t in args.T for (h, hv) in args.heads for b in args.B]
+    generator = torch.Generator(device="cuda").manual_seed(args.seed)
+    # Points of the file outside this run's grid stay in it, first (a grid can be built up in parts).
+    grid = set(points)
+    rows = [row for key, row in earlier.items() if key not in grid]
+    report["resumed_points"] = len(rows)
+    for index, (mode, T, B, H, HV) in enumerate(points, 1):
+        started = time.perf_counter()
+        row = earlier.get((mode, T, B, H, HV))
+        resumed = row is not None
+        if resumed:
+            report["resumed_points"] += 1
+        else:
+            row = bench_point(mode, T, B, H, HV, found, status, bandwidth, args, generator)
+        rows.append(row)
+        # Written after every point (atomically), so that a run that dies keeps what it measured.
+        write_report(json_path, {**report, "wall_s": time.perf_counter() - began, "rows": [asdict(r) for r in rows]})
+        ours = row.timings["ours"]
+        result = f"{ours.us / row.floor_us:.2f} x floor" if ours.us else ours.note
+        progress(f"[{index}/{len(points)}] {mode} T={T} B={B} H={H} HV={HV} R={row.calls_per_replay}: "
+                 f"ours {result} " + ("(from the file)" if resumed else f"({time.perf_counter() - started:.1f} s)"))
+
+    report.update(complete=True, wall_s=time.perf_counter() - began, rows=[asdict(row) for row in rows])
+    write_report(json_path, report)
     plotted = plot(rows, plot_path, f"gated_delta_rule_mtp on {card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
 
     print(f"gdn_nvrtc {gdn_nvrtc.__version__} ({report['gdn_nvrtc']['path']}) on {card}, driver {report['driver']}, "

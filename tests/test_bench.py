@@ -105,6 +105,7 @@ def test_arguments():
     assert (quick.T, quick.B, quick.heads) == ([4], [8, 256], [(16, 32)])  # an axis flag overrides the preset
     custom = bench_mtp.parse_args(["--modes", "update", "--B", "8", "32", "--heads", "16,32", "4,8"])
     assert (custom.modes, custom.B, custom.heads) == (["update"], [8, 32], [(16, 32), (4, 8)])
+    assert not args.resume and bench_mtp.parse_args(["--resume"]).resume
 
 
 @pytest.mark.parametrize("heads", ["16", "16,24", "a,b", "0,8"])
@@ -131,3 +132,34 @@ def test_first_call_byte_compiles_the_package_before_the_fresh_process(tmp_path,
     assert seen["pyc"] == ["module"]
     assert result["total_ms"] == 21.5 and result["bytecode"] == "compiled before"
     assert bench_mtp._first_call_line(result).endswith("NVRTC loaded: no, bytecode compiled before")
+
+
+def test_flashinfer_is_not_run_past_its_32_bit_buffer_index():
+    assert bench_mtp.flashinfer_refuses("buffer", 512, 8, 16, 64)  # 2^32 elements
+    assert not bench_mtp.flashinfer_refuses("buffer", 256, 8, 16, 64)  # 2^31: its last offset fits
+    assert not bench_mtp.flashinfer_refuses("buffer", 1024, 4, 16, 32)  # 2^31
+    assert bench_mtp.flashinfer_refuses("buffer", 1025, 4, 16, 32)
+    for mode in ("update", "scatter"):
+        assert not bench_mtp.flashinfer_refuses(mode, 512, 8, 16, 64)
+
+
+def test_report_rows_round_trip_and_the_file_is_replaced_whole(tmp_path):
+    rows = [
+        Row("update", 2, 8, 16, 32, 11.2, 34_000_000, 3, {"ours": Timing(12.0, [12.0, 12.1], "graph")}),
+        Row("buffer", 8, 1, 4, 8, 1.6, 5_000_000, 9,
+            {"ours": Timing(5.0, [5.0], "graph"), "flashinfer": Timing(note="not run")}),
+    ]
+    path = tmp_path / "run.json"
+    bench_mtp.write_report(path, {"rows": [bench_mtp.asdict(row) for row in rows]})
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    back = [bench_mtp.row_from_dict(data) for data in bench_mtp.json.loads(path.read_text())["rows"]]
+    assert back == rows
+    assert [bench_mtp.row_key(row) for row in back] == [("update", 2, 8, 16, 32), ("buffer", 8, 1, 4, 8)]
+
+
+def test_resume_needs_the_same_card_method_and_peers():
+    earlier = {"card": "NVIDIA H100 80GB HBM3", "method": {"repeats": 3}, "peers": {"flashinfer": "0.7.2"}}
+    same = {"card": "NVIDIA H100 80GB HBM3", "method": {"repeats": 3}, "peers": {"flashinfer": "0.7.2"}}
+    assert bench_mtp.resume_mismatch(earlier, **same) == ""
+    for what, other in (("card", "NVIDIA H200"), ("method", {"repeats": 2}), ("peers", {"flashinfer": "0.8"})):
+        assert what in bench_mtp.resume_mismatch(earlier, **{**same, what: other})
