@@ -29,12 +29,12 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
-# (0: none, the compiler's choice). SHORT_CHAIN marks the tilings of grids smaller than one wave at
-# T >= 5: their token loop takes the decay's rescale as a multiply and its reciprocal in one
-# instruction, so no branch or call sits between tokens (v17: with the slim and early-fetch choices
-# below, up to 21% faster at B = 1-8, 1% slower at two H100 points; it cost the narrow tiling at 4
-# blocks per SM and grew the other tilings' registers). Each call picks one of
-# eight tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
+# (0: none, the compiler's choice). SHORT_CHAIN marks the spread and slim tilings (grids smaller than
+# one wave at T >= 5): their token loop takes the decay's rescale as a multiply and its reciprocal in
+# one instruction, so no branch or call sits between tokens (v17: with the slim and early-fetch
+# choices below, up to 21% faster at B = 1-8, 1% slower at two H100 points; it cost the narrow
+# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of eight
+# tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      large batches in update mode. With few tokens the state in flight per thread
 #             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
 #             (5 blocks per SM) pays once the grid is larger than one wave of such blocks.
@@ -156,7 +156,7 @@ class KernelSpec:
 
     @property
     def short_chain(self) -> bool:
-        """The token loop without a branch or a call per token (the tilings for grids of less than a wave)."""
+        """The token loop without a branch or a call per token (the spread and slim tilings)."""
         return bool(self.tiling.get("SHORT_CHAIN"))
 
     @property
