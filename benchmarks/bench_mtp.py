@@ -233,10 +233,15 @@ def time_calls(calls: Sequence[Callable[[], object]], repeats: int, min_ms: floa
     return Timing(statistics.median(samples), samples, method, note)
 
 
+def pool_slots_per_call(mode: str, B: int, T: int) -> int:
+    """Pool slots one call owns: its B read slots, and in scatter mode one more per token."""
+    return B * (1 + T) if mode == "scatter" else B
+
+
 def build_calls(mode: str, B: int, T: int, H: int, HV: int, R: int, generator: torch.Generator) -> list[dict[str, Any]]:
     """Arguments of R calls that share one pool but nothing else: own inputs, slots, buffers and scatter slots."""
     cuda = torch.device("cuda")
-    slots_per_call = B * (1 + T) if mode == "scatter" else B
+    slots_per_call = pool_slots_per_call(mode, B, T)
     pool = torch.randn(R * slots_per_call, HV, V, K, device=cuda, generator=generator).mul_(0.1)
     slots = torch.rand(pool.shape[0], device=cuda, generator=generator).argsort().to(torch.int32)  # a permutation
     A_log = torch.log(1 + 15 * torch.rand(HV, device=cuda, generator=generator))
@@ -276,17 +281,25 @@ class Implementation:
     refuses: Callable[[str, int, int, int, int], str] | None = None  # (mode, B, T, H, HV) -> why not run there
 
 
-# FlashInfer 0.7.2 addresses its intermediate_states_buffer through a 32-bit flat row index (b * T * HV
-# + t * HV + hv, its `gdn_decode_mtp.py`) of V * K elements each, where its per-token pool scatter
-# widens the same product to 64 bits. A full-grid run (H200) timed it at B = 256, T = 8, HV = 64 (2^31
-# elements, the last that fits) and stopped with an illegal memory access after B = 512 (2^32), which
-# ends the whole process (NOTES v17). So it is not run on larger buffers.
-FLASHINFER_BUFFER_MAX_ELEMENTS = 2**31
+# FlashInfer 0.7.2 overflows 32-bit offsets in two places (its `gdn_decode_mtp.py`), where its per-token
+# pool scatter widens its product to 64 bits:
+# - the intermediate_states_buffer, through a flat row index (b * T * HV + t * HV + hv) of V * K elements;
+#   a full-grid run (H200) timed it at B = 256, T = 8, HV = 64 (2^31 elements, the last that fits) and
+#   stopped with an illegal memory access at B = 512 (2^32);
+# - the pool, read through slot * HV + hv rows: in scatter mode (B * (T + 1) slots per call) it timed
+#   B = 512, T = 4, HV = 32 and B = 256, T = 4, HV = 64 (1.3 * 2^30 elements) and faulted at B = 512, T = 4,
+#   HV = 64 (1.25 * 2^31).
+# An illegal memory access ends the whole process (NOTES v17, v18), so it is not run past 2^31 elements.
+FLASHINFER_MAX_ELEMENTS = 2**31
 
 
 def flashinfer_refuses(mode: str, B: int, T: int, H: int, HV: int) -> str:
-    if mode == "buffer" and B * T * HV * V * K > FLASHINFER_BUFFER_MAX_ELEMENTS:
+    if mode == "buffer" and B * T * HV * V * K > FLASHINFER_MAX_ELEMENTS:
         return ("not run: a buffer of more than 2^31 elements is past FlashInfer's 32-bit buffer index "
+                "(an illegal memory access ends the process)")
+    # a call's own pool slots; R > 1 calls share a pool only at sizes far below this
+    if pool_slots_per_call(mode, B, T) * HV * V * K > FLASHINFER_MAX_ELEMENTS:
+        return ("not run: a pool of more than 2^31 elements is past FlashInfer's 32-bit pool offset "
                 "(an illegal memory access ends the process)")
     return ""
 

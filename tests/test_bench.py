@@ -134,13 +134,25 @@ def test_first_call_byte_compiles_the_package_before_the_fresh_process(tmp_path,
     assert bench_mtp._first_call_line(result).endswith("NVRTC loaded: no, bytecode compiled before")
 
 
-def test_flashinfer_is_not_run_past_its_32_bit_buffer_index():
-    assert bench_mtp.flashinfer_refuses("buffer", 512, 8, 16, 64)  # 2^32 elements
+def test_flashinfer_is_not_run_past_its_32_bit_offsets():
+    assert bench_mtp.flashinfer_refuses("buffer", 512, 8, 16, 64)  # 2^32 buffer elements
     assert not bench_mtp.flashinfer_refuses("buffer", 256, 8, 16, 64)  # 2^31: its last offset fits
     assert not bench_mtp.flashinfer_refuses("buffer", 1024, 4, 16, 32)  # 2^31
     assert bench_mtp.flashinfer_refuses("buffer", 1025, 4, 16, 32)
-    for mode in ("update", "scatter"):
-        assert not bench_mtp.flashinfer_refuses(mode, 512, 8, 16, 64)
+    # scatter: B * (T + 1) pool slots per call
+    assert bench_mtp.flashinfer_refuses("scatter", 512, 4, 16, 64)  # 2560 slots of 2^20: faulted (H200)
+    assert not bench_mtp.flashinfer_refuses("scatter", 512, 4, 16, 32)  # 1.25 * 2^30: timed
+    assert not bench_mtp.flashinfer_refuses("scatter", 256, 4, 16, 64)
+    assert not bench_mtp.flashinfer_refuses("scatter", 1023, 1, 16, 64)  # 2046 slots: under 2^31
+    assert bench_mtp.flashinfer_refuses("scatter", 1025, 1, 16, 64)
+    assert bench_mtp.flashinfer_refuses("scatter", 256, 8, 16, 64)
+    assert bench_mtp.flashinfer_refuses("scatter", 512, 8, 16, 32)
+    assert not bench_mtp.flashinfer_refuses("scatter", 256, 8, 16, 32)
+    assert not bench_mtp.flashinfer_refuses("scatter", 512, 8, 4, 8)
+    # update: B slots; the grid's largest pool is 2^29 elements
+    assert not bench_mtp.flashinfer_refuses("update", 512, 8, 16, 64)
+    assert bench_mtp.flashinfer_refuses("update", 2049, 8, 16, 64)
+    assert bench_mtp.pool_slots_per_call("scatter", 3, 4) == 15 and bench_mtp.pool_slots_per_call("buffer", 3, 4) == 3
 
 
 def test_report_rows_round_trip_and_the_file_is_replaced_whole(tmp_path):
