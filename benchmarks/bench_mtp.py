@@ -286,9 +286,10 @@ class Implementation:
 # - the intermediate_states_buffer, through a flat row index (b * T * HV + t * HV + hv) of V * K elements;
 #   a full-grid run (H200) timed it at B = 256, T = 8, HV = 64 (2^31 elements, the last that fits) and
 #   stopped with an illegal memory access at B = 512 (2^32);
-# - the pool, read through slot * HV + hv rows: in scatter mode (B * (T + 1) slots per call) it timed
-#   B = 512, T = 4, HV = 32 and B = 256, T = 4, HV = 64 (1.3 * 2^30 elements) and faulted at B = 512, T = 4,
-#   HV = 64 (1.25 * 2^31).
+# - the pool, whose reads index (slot * HV + hv) rows of V * K elements without that widening (which
+#   access faulted was not measured): in scatter mode (B * (T + 1) slots per call) it timed B = 512, T = 4,
+#   HV = 32 and B = 256, T = 4, HV = 64 (1.25 * 2^30 elements) and faulted at B = 512, T = 4, HV = 64
+#   (1.25 * 2^31).
 # An illegal memory access ends the whole process (NOTES v17, v18), so it is not run past 2^31 elements.
 FLASHINFER_MAX_ELEMENTS = 2**31
 
