@@ -119,21 +119,16 @@ def main(argv: list[str] | None = None) -> int:
 
     card = torch.cuda.get_device_name()
     bandwidth = bench_mtp.copy_bandwidth()
-    implementations: dict[str, Callable[[dict[str, Any]], Callable[[], object]]] = {
-        "ours": lambda kwargs: lambda: gdn_nvrtc.gated_delta_rule_mtp(**kwargs),
-    }
-    peer_status = "left out (--no-peers)"
-    if not args.no_peers:
-        flashinfer, peer_status = bench_mtp.load_flashinfer()
-        if flashinfer is not None:
-            implementations["flashinfer"] = lambda kwargs: lambda: flashinfer(**kwargs)
+    # ours and FlashInfer as the bench runs them (FlashInfer not where its offsets overflow)
+    implementations, status = bench_mtp.implementations(gdn_nvrtc.gated_delta_rule_mtp, not args.no_peers, ["fla"])
+    peer_status = status["flashinfer"]
     movers: dict[int, Mover] = {}
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     rows = []
     print(f"{card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; flashinfer: {peer_status}")
     print("us per call (x floor), CUDA-graph replay, cold L2; move = move_states.cu on the same arguments")
     print(f"{'mode':8} {'T':>2} {'B':>4} {'H':>3} {'HV':>3} {'floor':>8} {'move':>16} "
-          + " ".join(f"{name:>16}" for name in implementations) + f" {'ours/move':>9}")
+          + " ".join(f"{impl.name:>16}" for impl in implementations) + f" {'ours/move':>9}")
     for mode, T, (H, HV), B in itertools.product(args.modes, args.T, args.heads, args.B):
         if T not in movers:
             movers[T] = Mover(T, bench_mtp.K, bench_mtp.V)
@@ -143,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         calls = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
         times = {"move": bench_mtp.time_calls([movers[T].bind(kw) for kw in calls], args.repeats, args.min_ms,
                                               peer=False)}
-        for name, bind in implementations.items():
-            times[name] = bench_mtp.time_calls([bind(kw) for kw in calls], args.repeats, args.min_ms,
-                                               peer=name != "ours")
+        for impl in implementations:
+            refused = impl.refuses(mode, B, T, H, HV) if impl.refuses else ""
+            times[impl.name] = bench_mtp.Timing(note=refused) if refused else bench_mtp.time_calls(
+                [impl.bind(kw) for kw in calls], args.repeats, args.min_ms, peer=impl.name != "ours")
         del calls
         torch.cuda.empty_cache()
         cells = [f"{t.us:8.2f} ({t.us / floor_us:.3f})" if t.us else f"{t.note[:16]:>16}" for t in times.values()]
