@@ -277,6 +277,24 @@ def test_packed_projection_views():
     assert torch.isnan(out_storage[..., :8]).all() and torch.isnan(out_storage[..., 8 + V :]).all()
 
 
+@pytest.mark.parametrize("tiling", ["mma", "wide"])
+@pytest.mark.parametrize("T", [5, 8])
+@pytest.mark.parametrize("offset,extra", [(1, 3), (0, 2), (4, 1), (4, 4)])
+def test_qk_views_of_any_alignment(monkeypatch, tiling, T, offset, extra):
+    """q and k as views of a wider row of 2 H K + extra elements, from `offset`: in the first three cases
+    some vectors start off a 4- or 8-byte boundary (the kernels read q and k element by element through
+    their strides), in the last every vector is 8-byte aligned but the rows are not contiguous."""
+    force_tiling(monkeypatch, tiling)
+    B, H, HV, K = 6, 4, 8, 128
+    generator = torch.Generator().manual_seed(100 * T + 10 * offset + extra)
+    inputs = make_inputs(B, T, H, HV, pool_size=2 * B + 2, generator=generator)
+    row = torch.randn(B, T, 2 * H * K + extra + offset, generator=generator).to("cuda", torch.bfloat16)
+    inputs["q"] = row[..., offset : offset + H * K].view(B, T, H, K)
+    inputs["k"] = row[..., offset + H * K + extra : offset + 2 * H * K + extra].view(B, T, H, K)
+    inputs["initial_state_indices"][1] = -1
+    check_call(inputs, disable_state_update=False)
+
+
 def test_unaligned_index_views():
     inputs = make_inputs(5, 2, 4, 8, pool_size=12)
     storage = torch.tensor([99, 3, 1, 7, 0, 11, 5], dtype=torch.int32, device="cuda")
