@@ -1,12 +1,15 @@
 """Compare block tilings of the kernel on the GPU (a tuning aid, not part of the package).
 
-    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--heads H,HV] [--template-dir DIR]
+    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--heads H,HV]
+                              [--template-dir DIR ...] [--rounds N]
 
 Each variant sets the tiling of every kernel (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped
 choice of gdn_nvrtc.specs.choose_spec),
 compiles with NVRTC into a private cache (the prebuilt cubins are bypassed) and is timed with
-bench_mtp's method (graph replay, cold L2). --template-dir compiles another copy of the
-template (e.g. an earlier version) for an A/B comparison in one run.
+bench_mtp's method (graph replay, cold L2). --template-dir compiles other copies of the template
+(e.g. an earlier version; "." is the repository's templates/): with several, every round times
+each variant of each copy in turn, in one process and against one copy-bandwidth measurement, for
+an A/B comparison.
 """
 
 from __future__ import annotations
@@ -94,16 +97,61 @@ VARIANTS = {
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 
 
+def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, shipped_constants, cache_dir) -> str:
+    """Set variant `name` up (tiling, constants, launch options), compile into cache_dir (the variant's
+    own), time every point; one line of results."""
+    fixed = dict(VARIANTS[name] or {}) or None
+    for constant, value in shipped_constants.items():
+        setattr(specs, constant, value)
+    for key in [key for key in (fixed or {}) if key.startswith("specs.")]:
+        constant = key.removeprefix("specs.")
+        shipped_constants.setdefault(constant, getattr(specs, constant))
+        setattr(specs, constant, fixed.pop(key))
+    driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
+    mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
+    fixed = fixed or None
+    if fixed is None:
+        specs.tiling_for = shipped_tiling
+    elif "THREADS" not in fixed:  # an override of the shipped choice
+        specs.tiling_for = lambda num_tokens, name="wide", change=fixed: {
+            **shipped_tiling(num_tokens, name), **change
+        }
+    else:
+        specs.tiling_for = lambda num_tokens, name="wide", tiling=fixed: tiling
+    # The compile cache is keyed by the source files, which a patched tiling leaves alone.
+    os.environ["GDN_NVRTC_CACHE_DIR"] = cache_dir
+    driver._kernels.clear()
+    mtp.forget_plans()  # a plan holds its kernel: the last one must not outlive the variant
+    cells = []
+    registers = set()
+    for point in points:
+        mode, T, B = point.split(":")
+        T, B = int(T), int(B)
+        registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
+        floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
+        footprint = bench_mtp.footprint_bytes(mode, B, T, H, HV)
+        R = bench_mtp.calls_per_replay(footprint, 1e9, 0.6 * torch.cuda.mem_get_info()[0])
+        arguments = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
+        calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in arguments]
+        timing = bench_mtp.time_calls(calls, repeats=2, min_ms=50.0, peer=False)
+        cells.append(f"{point}={timing.us:.1f}us({timing.us / floor_us:.2f})")
+        del calls, arguments
+        torch.cuda.empty_cache()
+    mtp.forget_plans()
+    driver._kernels.clear()
+    return f"regs={sorted(registers)} " + " ".join(cells)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--points", nargs="+", default=POINTS)
-    parser.add_argument("--template-dir", type=Path, help="compile this directory's gdn_mtp.cu.j2 instead")
+    parser.add_argument("--template-dir", type=Path, nargs="+", default=[None],
+                        help="compile these directories' gdn_mtp.cu.j2 instead, in turn (\".\": templates/)")
     parser.add_argument("--heads", default="16,32", help="H,HV (default 16,32)")
+    parser.add_argument("--rounds", type=int, default=1, help="time every (template, variant) this many times")
     args = parser.parse_args()
-    if args.template_dir is not None:
-        compiler.template_dir = lambda: args.template_dir
-        compiler._template.cache_clear()
+    shipped_template_dir = compiler.template_dir
     cubins.prebuilt_manifest.cache_clear()
     cubins.prebuilt_manifest = lambda: {"kernels": {}}  # compile every variant
     bandwidth = bench_mtp.copy_bandwidth()
@@ -112,46 +160,24 @@ def main() -> int:
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
     shipped_tiling = specs.tiling_for
     shipped_constants = {}
-    for name in args.variants:
-        fixed = dict(VARIANTS[name] or {}) or None
-        for constant, value in shipped_constants.items():
-            setattr(specs, constant, value)
-        for key in [key for key in (fixed or {}) if key.startswith("specs.")]:
-            constant = key.removeprefix("specs.")
-            shipped_constants.setdefault(constant, getattr(specs, constant))
-            setattr(specs, constant, fixed.pop(key))
-        driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
-        mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
-        fixed = fixed or None
-        if fixed is None:
-            specs.tiling_for = shipped_tiling
-        elif "THREADS" not in fixed:  # an override of the shipped choice
-            specs.tiling_for = lambda num_tokens, name="wide", change=fixed: {
-                **shipped_tiling(num_tokens, name), **change
-            }
-        else:
-            specs.tiling_for = lambda num_tokens, name="wide", tiling=fixed: tiling
-        # The compile cache is keyed by the source files, which a patched tiling leaves alone.
-        os.environ["GDN_NVRTC_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"gdn_tune_{name}_")
-        driver._kernels.clear()
-        mtp.forget_plans()  # a plan holds its kernel: the last one must not outlive the variant
-        cells = []
-        registers = set()
-        for point in args.points:
-            mode, T, B = point.split(":")
-            T, B = int(T), int(B)
-            registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
-            floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
-            footprint = bench_mtp.footprint_bytes(mode, B, T, H, HV)
-            R = bench_mtp.calls_per_replay(footprint, 1e9, 0.6 * torch.cuda.mem_get_info()[0])
-            arguments = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
-            calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in arguments]
-            timing = bench_mtp.time_calls(calls, repeats=2, min_ms=50.0, peer=False)
-            cells.append(f"{point}={timing.us:.1f}us({timing.us / floor_us:.2f})")
-            del calls, arguments
-            torch.cuda.empty_cache()
-        lines.append(f"{name:12s} regs={sorted(registers)} " + " ".join(cells))
-        print(lines[-1], file=sys.stderr, flush=True)
+    cache_dirs = {}  # one compile cache per (template, variant), kept across rounds
+    for round_index in range(args.rounds):
+        for template_index, template in enumerate(args.template_dir):
+            if template is None or str(template) == ".":
+                compiler.template_dir = shipped_template_dir
+            else:
+                compiler.template_dir = lambda template=template: template
+            compiler._template.cache_clear()
+            for name in args.variants:
+                label = name if template is None else f"{template}:{name}"
+                if args.rounds > 1:
+                    label = f"r{round_index + 1} {label}"
+                key = (template_index, name)
+                if key not in cache_dirs:
+                    cache_dirs[key] = tempfile.mkdtemp(prefix=f"gdn_tune_{template_index}_{name}_")
+                lines.append(label.ljust(12) + " " + time_variant(
+                    name, args.points, H, HV, bandwidth, generator, shipped_tiling, shipped_constants, cache_dirs[key]))
+                print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
 
