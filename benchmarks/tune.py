@@ -43,6 +43,7 @@ VARIANTS = {
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
+    "mma2w8": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 8},  # ... at 128 registers (8 blocks per SM)
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling

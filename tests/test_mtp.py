@@ -161,6 +161,20 @@ def test_mma_tiling_chosen_for_update_mode(T, dtype):
     assert spec.tiling_name == "mma"
 
 
+@pytest.mark.parametrize("H,HV", [(1, 1), (8, 8), (2, 16), (3, 12), (5, 40)])
+@pytest.mark.parametrize("mode", ["update", "buffer"])
+def test_mma_tiling_over_head_layouts(monkeypatch, H, HV, mode):
+    """The mma tiling maps every block to its (tile, value head, query head, batch row): query heads
+    shared by 1 to 8 value heads, the last row padded, an output poisoned before the call."""
+    force_tiling(monkeypatch, "mma")
+    generator = torch.Generator().manual_seed(100 * H + HV + len(mode))
+    inputs = make_inputs(4, 8, H, HV, pool_size=4 * 10 + 2, generator=generator)
+    inputs["initial_state_indices"][3] = -1
+    kwargs = mode_kwargs(mode, inputs, generator)
+    kwargs["output"] = nan_like((4, 8, HV, 128), torch.bfloat16)
+    check_call(inputs, **kwargs)
+
+
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
 @pytest.mark.parametrize("tiling", ["spread", "slim"])
