@@ -21,6 +21,24 @@ def test_every_prebuilt_spec_compiles_without_spills(spec):
     assert compiled.registers <= 255
 
 
+# Hopper (sm_90): 64K registers and 228 KB of shared memory per multiprocessor, of which the driver
+# reserves 1 KB per resident block.
+SM90_REGISTERS = 65536
+SM90_SHARED_BYTES = 228 * 1024
+SM90_RESERVED_SHARED_PER_BLOCK = 1024
+
+
+@pytest.mark.parametrize("spec", [s for s in PREBUILT_SPECS if s.min_blocks_per_sm], ids=lambda s: s.name)
+def test_blocks_per_sm_hint_fits_registers_and_shared_memory(spec):
+    """The tiling choice (specs) counts on MIN_BLOCKS blocks per SM; neither the registers nor the
+    static shared memory may allow fewer (ptxas enforces only the registers)."""
+    compiled = compiler.compile_spec(spec)
+    blocks = spec.min_blocks_per_sm
+    assert compiled.shared_bytes > 0, compiled.log
+    assert blocks * spec.threads_per_block * compiled.registers <= SM90_REGISTERS, compiled.log
+    assert blocks * (compiled.shared_bytes + SM90_RESERVED_SHARED_PER_BLOCK) <= SM90_SHARED_BYTES, compiled.log
+
+
 FALLBACK_SPECS = [KernelSpec(64, 256, 16, "bf16"), KernelSpec(256, 64, 3, "fp16")]
 
 
