@@ -59,6 +59,7 @@ def render(spec: KernelSpec) -> str:
         min_blocks=spec.min_blocks_per_sm,
         mma=spec.uses_mma,
         short_chain=spec.short_chain,
+        guarded_v=spec.guarded_v,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

@@ -68,7 +68,10 @@ SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_B
 SLIM_FROM_TOKENS = 5  # measured at T = 4-8 (benchmarks/NOTES.md v14)
 SLIM_NOT_NARROW_WAVES = (2.0, 3.5)  # narrow blocks per SM where the narrow tiling stays (v17; v14: <= 3.5)
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-LEAN_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
+# GUARDED_V: only the threads whose v element is in range load it (the other tilings load at a clamped
+# index from every thread, v29); the lean tiling serves grids of many waves only, where the clamped
+# form's redundant loads cost 0.4-0.6% (H200) and its latency gain does not show.
+LEAN_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0, "GUARDED_V": 1}
 LEAN_TOKENS = 2  # measured at T = 2 only (benchmarks/NOTES.md v15)
 LEAN_FROM_PAIRS_PER_SM = 7  # 512 pairs on 132 SMs tied (H100), 1024 gained
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
@@ -158,6 +161,11 @@ class KernelSpec:
     def short_chain(self) -> bool:
         """The token loop without a branch or a call per token (the spread and slim tilings)."""
         return bool(self.tiling.get("SHORT_CHAIN"))
+
+    @property
+    def guarded_v(self) -> bool:
+        """v loaded only by the threads whose element is in range (the lean tiling), not at a clamped index."""
+        return bool(self.tiling.get("GUARDED_V"))
 
     @property
     def lanes_per_row(self) -> int:
