@@ -14,7 +14,6 @@ the floor, the gap is the memory system's on that traffic, not the kernel's arit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import itertools
 import json
@@ -78,18 +77,13 @@ class Mover:
         if buffer is not None and (not buffer.is_contiguous() or buffer.shape[:2] != (B, T)):
             raise ValueError("the mover needs a contiguous [B, T, HV, V, K] buffer")
         mode = "scatter" if scatter is not None else "buffer" if buffer is not None else "update"
-        params = ctypes.create_string_buffer(_PARAMS.size)
-        _PARAMS.pack_into(params, 0, pool.data_ptr(), read_slots.data_ptr(),
-                          0 if buffer is None else buffer.data_ptr(), 0 if scatter is None else scatter.data_ptr(),
-                          HV, pool.shape[0], MOVE_MODES[mode])
-        pointers = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        launch = driver.Launch(self.function, mover_grid(B, HV, V), THREADS, pool.device.index)
-        address = ctypes.addressof(pointers)
+        values = (pool.data_ptr(), read_slots.data_ptr(), 0 if buffer is None else buffer.data_ptr(),
+                  0 if scatter is None else scatter.data_ptr(), HV, pool.shape[0], MOVE_MODES[mode])
+        launch = driver.Launch(self.function, mover_grid(B, HV, V), THREADS, pool.device.index, _PARAMS)
 
         def call() -> None:
-            launch(torch.cuda.current_stream(pool.device).cuda_stream, address)
+            launch(torch.cuda.current_stream(pool.device).cuda_stream, *values)
 
-        call.parameters = (params, pointers)  # the launch reads them: alive as long as the call
         return call
 
 

@@ -7,6 +7,7 @@ load serves every GPU of the process. Kernels take one parameter struct by value
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 from cuda.bindings import driver as cu
@@ -122,30 +123,6 @@ def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int
     return int(count)
 
 
-_thread = threading.local()
-
-
-def parameter_buffer(size: int, tail: bytes) -> tuple[ctypes.Array, int]:
-    """This thread's buffer for a kernel's parameter struct of `size` bytes whose last len(tail)
-    bytes are `tail`, and the address to pass to launch(); the caller packs the rest.
-
-    cuLaunchKernel copies the parameters before it returns, so the buffer is reused by every
-    launch of the thread: fill it, launch, and do not keep it. The tail is copied in only when
-    it is not the bytes object the buffer last received (a call's fixed parameters are usually
-    those of the previous call)."""
-    buffer = getattr(_thread, "buffer", None)
-    if buffer is None or len(buffer) != size:
-        buffer = ctypes.create_string_buffer(size)
-        _thread.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
-        _thread.buffer = buffer
-        _thread.pointers_address = ctypes.addressof(_thread.pointers)
-        _thread.tail = None
-    if _thread.tail is not tail:
-        buffer[size - len(tail):] = tail
-        _thread.tail = tail
-    return buffer, _thread.pointers_address
-
-
 # Programmatic dependent launch: the kernel may be scheduled while the previous kernel of its
 # stream is still running; before it reads anything it uses, griddepcontrol.wait waits until that
 # kernel has completed and its memory is visible, so the stream order is kept (until then a block
@@ -183,29 +160,59 @@ def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
 
 
 class Launch:
-    """A kernel with its 1-D grid and block on one device: what a call's plan launches. Calling it
-    with a stream handle and a parameter address launches as launch() does, with less host time for
-    a repeated stream: the launch configuration of the latest stream it ran on is kept with it."""
+    """A kernel with its 1-D grid and block on one device, and its parameter struct: what a call's plan
+    launches. The struct is `head` (a struct.Struct of the values each call passes) followed by the
+    fixed bytes `tail`. launch(stream, *values) packs the values into this launch's buffer for the
+    calling thread and launches as launch() does, with less host time for a repeated stream: the
+    launch configuration of the latest stream it ran on is kept with it."""
 
-    __slots__ = ("function", "grid", "block", "device_index", "_context", "_last")
+    __slots__ = ("function", "grid", "block", "device_index", "_context", "_last", "_pack", "_size", "_tail",
+                 "_buffers")
 
-    def __init__(self, function: cu.CUfunction, grid: int, block: int, device_index: int) -> None:
+    def __init__(self, function: cu.CUfunction, grid: int, block: int, device_index: int, head: struct.Struct,
+                 tail: bytes = b"") -> None:
         self.function = function
         self.grid = grid
         self.block = block
         self.device_index = device_index
         self._context = _primary_context(device_index)
         self._last: tuple = (None, None)  # (stream, config), replaced as one object: threads may share it
+        self._pack = head.pack_into
+        self._size = head.size + len(tail)
+        self._tail = tail
+        # cuLaunchKernelEx copies the parameters before it returns but runs without the GIL, so each
+        # thread packs into a buffer of its own; the tail is copied in once, when the buffer is made.
+        self._buffers = threading.local()
 
-    def __call__(self, stream: int, params: int) -> None:
+    def parameters(self) -> tuple[ctypes.Array, int]:
+        """The calling thread's parameter buffer of this launch, and the address cuLaunchKernelEx takes
+        (of a one-entry pointer array holding the buffer's address)."""
+        buffers = self._buffers
+        try:
+            return buffers.params
+        except AttributeError:
+            buffer = ctypes.create_string_buffer(self._size)
+            buffer[self._size - len(self._tail):] = self._tail
+            pointers = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+            buffers.keep = pointers
+            buffers.params = (buffer, ctypes.addressof(pointers))
+            return buffers.params
+
+    def __call__(self, stream: int, *values) -> None:
+        try:
+            buffer, params = self._buffers.params
+        except AttributeError:
+            buffer, params = self.parameters()
+        self._pack(buffer, 0, *values)
         last_stream, config = self._last
-        if stream == last_stream and programmatic_launch:
-            # A kernel on the NULL stream runs in the thread's current context: it must be the device's.
-            if stream != _NULL_STREAM or _current_context() == self._context:
-                (result,) = cu.cuLaunchKernelEx(config, self.function, params, 0)
-                if result != _SUCCESS:
-                    check(result, "cuLaunchKernelEx")
-                return
+        # A kernel on the NULL stream runs in the thread's current context: it must be the device's.
+        if stream == last_stream and programmatic_launch and (
+            stream != _NULL_STREAM or _current_context() == self._context
+        ):
+            (result,) = cu.cuLaunchKernelEx(config, self.function, params, 0)
+            if result != _SUCCESS:
+                check(result, "cuLaunchKernelEx")
+            return
         launch(self.function, self.grid, self.block, stream, self.device_index, params)
         if programmatic_launch:
             self._last = (stream, _launch_config(self.grid, self.block, stream))
@@ -213,7 +220,8 @@ class Launch:
 
 def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
     """Launch function with a 1-D grid on the given stream handle of device_index; params is the
-    address from parameter_buffer(), whose buffer holds the packed parameter struct."""
+    address of a one-entry array holding the address of the packed parameter struct (see
+    Launch.parameters)."""
     pushed = stream == _NULL_STREAM and _make_current(device_index)
     try:
         if programmatic_launch:

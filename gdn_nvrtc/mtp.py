@@ -47,7 +47,6 @@ _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODE
 _PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
 _POINTER_FIELDS = sum(kind == "ptr" for _, kind in PARAM_FIELDS)  # they come first; the plan fixes the rest
 _POINTERS = struct.Struct(PARAM_STRUCT_FORMAT[: 1 + _POINTER_FIELDS])  # packed per call
-_pack_pointers = _POINTERS.pack_into
 # The handle of a device's current stream (absent from CPU-only builds of torch, which never launch).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _FIXED = struct.Struct("<" + PARAM_STRUCT_FORMAT[1 + _POINTER_FIELDS :])  # packed once per plan
@@ -169,9 +168,13 @@ class _Plan:
 
 _plans: dict[tuple, _Plan] = {}
 _guards: dict[tuple, object] = {}  # the signature check of each cached plan (see _signature_check)
-# (scalars, check, plan) of the latest call: consecutive calls usually share a plan, and then one
-# C++ check of the tensors replaces the tuple key (about 5 us of the call's host time).
-_last_plan: tuple = ((), None, None)
+# (scale, disable_state_update, use_qk_l2norm, which optional tensors were passed, check, plan) of the
+# latest call: consecutive calls usually share a plan, and then one C++ check of the tensors replaces
+# the tuple key (about 5 us of the call's host time). The flags are compared by identity (True, False
+# and None are singletons, so use_qk_l2norm=1 is not taken for True), scale by identity or by value
+# and type. `which` can never be -1: the placeholder matches no call.
+_NO_LAST_PLAN = (None, None, None, -1, None, None)
+_last_plan: tuple = _NO_LAST_PLAN
 
 try:  # the check torch.compile's guards run on tensors: dispatch keys, dtype, device, shape, strides
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
@@ -224,7 +227,7 @@ def forget_plans() -> None:
     global _last_plan
     _plans.clear()
     _guards.clear()
-    _last_plan = ((), None, None)
+    _last_plan = _NO_LAST_PLAN
 
 
 def _make_plan(
@@ -382,8 +385,10 @@ def _make_plan(
         "dt_bias_dtype": _SCALAR_DTYPES[dt_bias.dtype],
         "stagger_blocks": stagger_blocks, "stagger_ns": stagger_ns, "flags": flags, "scale": float(scale),
     }
+    fixed_params = _FIXED.pack(*(fixed[name] for name, _ in PARAM_FIELDS[_POINTER_FIELDS:]))
     return _Plan(
-        launch=None if kernel is None else driver.Launch(kernel, grid, spec.threads_per_block, device.index),
+        launch=None if kernel is None else driver.Launch(
+            kernel, grid, spec.threads_per_block, device.index, _POINTERS, fixed_params),
         device=device,
         device_index=device.index,
         grid=grid,
@@ -391,18 +396,24 @@ def _make_plan(
         pool_size=pool_size,
         out_shape=(B, T, HV, V),
         warn_default_update=disable_state_update is None,
-        fixed_params=_FIXED.pack(*(fixed[name] for name, _ in PARAM_FIELDS[_POINTER_FIELDS:])),
+        fixed_params=fixed_params,
     )
 
 
 def _plan_for(
-    scalars, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+    which, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
     intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
 ) -> _Plan:
     """The plan of a call that is not the latest call's signature: from the cache by a tuple of every
     tensor's metadata, else made (every check); it becomes the latest plan. The caller checks the
     addresses (alignment), which are not part of a plan."""
     global _last_plan
+    # Everything a plan depends on besides the tensors' metadata. The types keep e.g.
+    # use_qk_l2norm=1 or scale=True (refused) apart from True or 1.0 (accepted).
+    scalars = (
+        scale, type(scale), disable_state_update, type(disable_state_update), use_qk_l2norm, type(use_qk_l2norm),
+        which,
+    )
     try:
         # One flat tuple (no helper calls, no nesting).
         key = (
@@ -446,7 +457,7 @@ def _plan_for(
             check = _guards.get(key)
             if check is None or not check.check(*tensors):  # new, or these tensors differ in e.g. requires_grad
                 check = _guards[key] = _signature_check(tensors)
-        _last_plan = (scalars, check, plan)
+        _last_plan = (scale, disable_state_update, use_qk_l2norm, which, check, plan)
     return plan
 
 
@@ -475,35 +486,39 @@ def gated_delta_rule_mtp(
     """
     global _warned_default_update
 
-    # Everything a plan depends on besides the tensors' metadata. The types keep e.g.
-    # use_qk_l2norm=1 or scale=True (refused) apart from True or 1.0 (accepted).
-    scalars = (
-        scale, type(scale), disable_state_update, type(disable_state_update), use_qk_l2norm, type(use_qk_l2norm),
-        output is None, intermediate_states_buffer is None, ssm_state_indices is None, output_state_indices is None,
-    )
-    # The tensors passed (which optional ones is part of `scalars`, so a check made for a signature
-    # is only asked about tensors of the same count).
+    # The tensors passed, and which optional ones they include (a check made for a signature is only
+    # asked about tensors of the same count and kinds).
     tensors = (q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b)
+    which = 0
     if output is not None:
         tensors += (output,)
+        which = 1
     if intermediate_states_buffer is not None:
         tensors += (intermediate_states_buffer,)
+        which |= 2
     if ssm_state_indices is not None:
         tensors += (ssm_state_indices,)
+        which |= 4
     if output_state_indices is not None:
         tensors += (output_state_indices,)
+        which |= 8
     last = _last_plan  # one read: another thread may replace it
     try:
-        plan = last[2] if last[0] == scalars and last[1] is not None and last[1].check(*tensors) else None
+        plan = last[5] if (
+            which == last[3] and disable_state_update is last[1] and use_qk_l2norm is last[2]
+            and (scale is last[0] or (type(scale) is type(last[0]) and scale == last[0]))
+            and last[4] is not None and last[4].check(*tensors)
+        ) else None
     except Exception:  # noqa: BLE001 - a scale whose == raises: the full checks say what is wrong
         plan = None
     if plan is None:
-        plan = _plan_for(scalars, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
+        plan = _plan_for(which, tensors, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b,
                          scale, output, intermediate_states_buffer, ssm_state_indices, disable_state_update,
                          use_qk_l2norm, output_state_indices)
     # The plan covers the strides; the addresses are checked on every call.
     pool_address = initial_state.data_ptr()
-    if pool_address % 16 or (intermediate_states_buffer is not None and intermediate_states_buffer.data_ptr() % 16):
+    buffer_address = 0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr()
+    if (pool_address | buffer_address) % 16:
         _check_alignment(initial_state, intermediate_states_buffer)  # raises with the details
 
     if plan.warn_default_update and not _warned_default_update:
@@ -528,16 +543,12 @@ def gated_delta_rule_mtp(
     if launch is None:
         return output, initial_state
 
-    stream = _raw_stream(plan.device_index)
-    buffer, params_address = driver.parameter_buffer(_PARAMS.size, plan.fixed_params)
-    _pack_pointers(
-        buffer, 0,
+    launch(
+        _raw_stream(plan.device_index),
         q.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), A_log.data_ptr(), dt_bias.data_ptr(),
         pool_address, initial_state_indices.data_ptr(),
         0 if output_state_indices is None else output_state_indices.data_ptr(),
         0 if ssm_state_indices is None else ssm_state_indices.data_ptr(),
-        0 if intermediate_states_buffer is None else intermediate_states_buffer.data_ptr(),
-        output.data_ptr(),
+        buffer_address, output.data_ptr(),
     )
-    launch(stream, params_address)
     return output, initial_state

@@ -1,5 +1,7 @@
 """Host-side pieces of the driver layer and of a call's plan (no GPU needed)."""
 
+import ctypes
+import struct
 import threading
 
 from gdn_nvrtc import driver
@@ -17,38 +19,38 @@ def test_launch_configs_are_cached_per_grid_block_and_stream():
         assert (changed.gridDimX, changed.blockDimX, int(changed.hStream)) == other
 
 
-def test_parameter_buffer_keeps_the_fixed_tail_until_another_one_comes():
-    def run():
-        size = 64
-        fixed = bytes(range(40))
-        buffer, address = driver.parameter_buffer(size, fixed)
-        assert buffer.raw[24:] == fixed and address
-        buffer[:24] = b"p" * 24  # what a call packs: its pointers
-        again, _ = driver.parameter_buffer(size, fixed)
-        assert again is buffer and again.raw == b"p" * 24 + fixed
-        buffer[30] = 0xFF  # not done by callers: shows the same tail object is not copied again
-        assert driver.parameter_buffer(size, fixed)[0].raw[30] == 0xFF
-        equal_copy = bytes(bytearray(fixed))  # an equal tail of another plan is copied in
-        assert driver.parameter_buffer(size, equal_copy)[0].raw[24:] == fixed
-        other = bytes(range(100, 140))
-        assert driver.parameter_buffer(size, other)[0].raw == b"p" * 24 + other
-        bigger, _ = driver.parameter_buffer(size + 8, other)  # another size: a new buffer, tail copied
-        assert bigger.raw[32:] == other
+def test_a_launch_packs_its_values_before_its_fixed_tail_in_a_buffer_per_thread(monkeypatch):
+    monkeypatch.setattr(driver, "_primary_context", lambda index: 1234)
+    launched = []
 
-    # The buffer is per thread: run in a fresh one so the test does not depend on the order of tests.
-    outcome = []
+    def fake_launch(function, grid, block, stream, device_index, params):  # what the first launch of a stream takes
+        pointer = ctypes.c_void_p.from_address(params).value
+        launched.append((grid, block, stream, device_index, ctypes.string_at(pointer, 40)))
 
-    def in_thread():
-        try:
-            run()
-            outcome.append("passed")
-        except Exception as error:  # reported by the assert below
-            outcome.append(error)
+    monkeypatch.setattr(driver, "launch", fake_launch)
+    monkeypatch.setattr(driver, "programmatic_launch", False)  # every launch takes driver.launch
+    head = struct.Struct("<Qq")
+    tail = bytes(range(24))
+    launch = driver.Launch(None, 96, 128, 0, head, tail)
+    launch(7, 2**64 - 1, -5)
+    launch(8, 3, 4)
+    assert launched == [
+        (96, 128, 7, 0, head.pack(2**64 - 1, -5) + tail),
+        (96, 128, 8, 0, head.pack(3, 4) + tail),
+    ]
+    buffer, address = launch.parameters()
+    assert launch.parameters() == (buffer, address) and len(buffer) == 40
+    assert ctypes.c_void_p.from_address(address).value == ctypes.addressof(buffer)
+    other = driver.Launch(None, 1, 32, 0, head)  # another launch: its own buffer, no tail
+    assert len(other.parameters()[0]) == head.size and other.parameters()[0] is not buffer
 
-    thread = threading.Thread(target=in_thread)
+    # Another thread gets a buffer of its own, with the tail already in place.
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(launch.parameters()))
     thread.start()
     thread.join()
-    assert outcome == ["passed"], outcome
+    (theirs, their_address), = seen
+    assert theirs is not buffer and their_address != address and theirs.raw[16:] == tail
 
 
 def test_plan_fixed_values_are_the_packed_parameters_by_name():

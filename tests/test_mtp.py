@@ -107,7 +107,7 @@ def force_tiling(monkeypatch, tiling: str) -> None:
     # Fresh caches for the test, and the previous ones back afterwards: no plan of a forced tiling
     # outlives it.
     monkeypatch.setattr(mtp, "_plans", {})
-    monkeypatch.setattr(mtp, "_last_plan", ((), None, None))
+    monkeypatch.setattr(mtp, "_last_plan", mtp._NO_LAST_PLAN)
     monkeypatch.setattr(mtp, "_guards", {})
 
 
@@ -536,7 +536,7 @@ def test_back_to_back_calls_read_what_came_just_before(B, indices):
     gated_delta_rule_mtp(**{**calls[0], "initial_state": pool, "initial_state_indices": read},
                          disable_state_update=False, output_state_indices=write)
     torch.cuda.synchronize()
-    plan = mtp._last_plan[2]
+    plan = mtp._last_plan[-1]
     assert bool(plan.fixed_values()["flags"] & FLAGS["PREFETCH_STATE"]) == (B < 48)
     slots = [(r.cuda(), w.cuda()) for r, w in slots]
     outputs = []

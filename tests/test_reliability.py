@@ -371,7 +371,7 @@ def test_one_plan_on_alternating_streams_runs_on_each_calls_stream():
     need_hopper(0)
     inputs = make_inputs(8, 4, 4, 8, pool_size=10)
     gated_delta_rule_mtp(**inputs, disable_state_update=True)  # plan and kernel ready
-    plan = mtp._last_plan[2]
+    plan = mtp._last_plan[-1]
     streams = [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.default_stream()]
     for stream in streams:
         stream.wait_stream(torch.cuda.current_stream())
@@ -384,7 +384,7 @@ def test_one_plan_on_alternating_streams_runs_on_each_calls_stream():
             torch.cuda._sleep(SLEEP_CYCLES // 4)
             inputs["q"].copy_(new_q)  # queued behind the sleep
             out, _ = gated_delta_rule_mtp(**inputs, disable_state_update=True)
-            assert mtp._last_plan[2] is plan
+            assert mtp._last_plan[-1] is plan
             if stream.cuda_stream:  # a side stream's configuration is kept (the NULL stream's is not)
                 assert plan.launch._last[0] == stream.cuda_stream
             result = out.double()  # on the same stream, after the kernel

@@ -69,7 +69,7 @@ def test_a_plan_is_reused_only_for_the_same_metadata():
         check_call(inputs, disable_state_update=False)
         check_call(inputs, disable_state_update=False)  # the same signature again: the fast check
         if mtp.fast_signature_check():
-            assert mtp._last_plan[1] is not None, f"variant {number}: the repeated call did not use the check"
+            assert mtp._last_plan[-2] is not None, f"variant {number}: the repeated call did not use the check"
     assert len(mtp._plans) == len(variants) - 1
 
 
@@ -81,11 +81,11 @@ def test_one_tensor_passed_twice():
     inputs = make_inputs(3, 2, 4, 8, pool_size=6, generator=generator)
     for _ in range(3):
         check_call(inputs, disable_state_update=False, output_state_indices=inputs["initial_state_indices"])
-    assert mtp._last_plan[1] is None
+    assert mtp._last_plan[-2] is None
     check_call(inputs, disable_state_update=False)  # and a call without the repeat uses the check again
     check_call(inputs, disable_state_update=False)
     if mtp.fast_signature_check():
-        assert mtp._last_plan[1] is not None
+        assert mtp._last_plan[-2] is not None
 
 
 @pytest.mark.gpu
@@ -98,6 +98,26 @@ def test_calls_without_the_fast_check(monkeypatch):
     for _ in range(2):
         check_call(inputs, disable_state_update=False)
         check_call(inputs, disable_state_update=True)
-    assert not mtp.fast_signature_check() and mtp._last_plan[1] is None
+    assert not mtp.fast_signature_check() and mtp._last_plan[-2] is None
     assert len(mtp._plans) == 2
     mtp.forget_plans()
+
+
+@pytest.mark.gpu
+def test_a_repeated_signature_with_another_scale_or_flag():
+    """The latest plan is recognised by the flags' identity and the scale's identity or value: every
+    change of scale (another value, an equal value in a new object, an int, None) or of a flag between
+    calls of one tensor signature still gives the reference's results."""
+    generator = torch.Generator().manual_seed(14)
+    inputs = make_inputs(3, 2, 4, 8, pool_size=6, generator=generator)
+    inputs["q"] = (inputs["q"].float() / 4).to(inputs["q"].dtype)  # moderate q.k without the normalisation
+    inputs["k"] = (inputs["k"].float() / 4).to(inputs["k"].dtype)
+    mtp.forget_plans()
+    third = float("0.3")
+    for scale, l2norm in [(third, True), (float("0.3"), True), (0.5, True), (1, True), (None, True), (0.5, True),
+                          (0.5, False), (0.5, True), (third, True)]:
+        check_call(inputs, disable_state_update=False, scale=scale, use_qk_l2norm=l2norm)
+        check_call(inputs, disable_state_update=False, scale=scale, use_qk_l2norm=l2norm)
+        if mtp.fast_signature_check():
+            last_scale = mtp._last_plan[0]
+            assert (last_scale, type(last_scale), mtp._last_plan[2]) == (scale, type(scale), l2norm)
