@@ -49,7 +49,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             stayed faster (v17); twice the narrow tiling's blocks, half of its arithmetic per thread
 #             and token.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
-#             which suits a kernel that writes T + 1 states per state read.
+#             which suits a kernel that writes T + 1 states per state read. At T = 3-4 on grids of
+#             up to 8 (b, hv) pairs per SM the narrow tiling does that better (v30, H200: 12-16% at
+#             128 pairs, 2.5-5% at 256, 0-1.3% at 512-1024; at 4096 pairs it lost 0.8%).
 #   lean      buffer and scatter calls at T = 2 with at least 7 (b, hv) pairs per SM: the wide
 #             tiling's 32 rows per block with 8 lanes per row and 2 rows per thread (80 registers,
 #             not 120). 1-2% faster there on an H100 and an H200; smaller grids and update mode lost.
@@ -82,6 +84,8 @@ MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves 
 MMA_MIN_WAVES = 2
 TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim", "lean")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
+NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
+NARROW_STATES_MAX_PAIRS_PER_SM = 8
 
 
 # The tilings that do not depend on T (wide and uncapped do, through WIDE_TILINGS).
@@ -228,7 +232,8 @@ def choose_spec(
         else:
             name = "narrow"
     elif writes_states and T >= STORE_FROM_TOKENS:
-        name = "store"
+        small = T <= NARROW_STATES_MAX_TOKENS and batch_heads <= NARROW_STATES_MAX_PAIRS_PER_SM * sm_count
+        name = "narrow" if measured and small else "store"
     elif writes_states and T == LEAN_TOKENS and measured and batch_heads >= LEAN_FROM_PAIRS_PER_SM * sm_count:
         name = "lean"
     elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):

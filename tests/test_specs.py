@@ -50,9 +50,13 @@ def test_choice_of_tiling():
 
     # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
-    # Per-token states at T >= 3 once the grid is full; at T <= 2 the wide tiling keeps them, except
-    # at T = 2 from 7 (b, hv) pairs per SM (924 on 132 SMs).
-    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 8)] == ["wide", "store", "store", "store"]
+    # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
+    # (1056 on 132 SMs); at T <= 2 the wide tiling keeps them, except at T = 2 from 7 pairs per SM (924).
+    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
+    assert [pick(T, True, 1057) for T in (3, 4, 5)] == ["store"] * 3
+    assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
+    assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
+                       sm_count=SMS).tiling_name == "store"  # only measured at K = V = 128
     assert [pick(2, True, pairs) for pairs in (512, 923, 924, 1024, 8192)] == ["wide"] * 2 + ["lean"] * 3
     assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
     # T = 3-4 in update mode: the 96-register cap only once the grid holds more than one capped wave.
