@@ -299,6 +299,46 @@ def test_threads_on_two_gpus_race_the_first_loads():
     assert len(driver._libraries) - libraries_before == len(specs), "a cubin was loaded more than once"
 
 
+def test_threads_share_one_plan_on_one_gpu():
+    """Several threads call one signature at once, each with its own tensors (its own pointers, which
+    every call packs into the launch's parameter buffer for its thread while the other threads launch
+    with the GIL released): every output of every call is the one of its thread's inputs."""
+    threads_count, calls, B, T, H, HV = 4, 60, 3, 2, 4, 8
+    mtp.forget_plans()
+    work = []
+    for worker in range(threads_count):
+        inputs = make_inputs(B, T, H, HV, pool_size=B + 2, generator=torch.Generator().manual_seed(900 + worker))
+        expected, _, _ = gated_delta_rule_mtp_reference(**inputs, disable_state_update=True)
+        outputs = [torch.full((B, T, HV, 128), float("nan"), dtype=inputs["q"].dtype, device="cuda")
+                   for _ in range(calls)]
+        work.append((inputs, expected, outputs))
+    gated_delta_rule_mtp(**work[0][0], disable_state_update=True, output=work[0][2][0])  # the shared plan
+    torch.cuda.synchronize()
+    start = threading.Barrier(threads_count)
+    failures = []
+
+    def run(inputs, outputs):
+        try:
+            start.wait()
+            for output in outputs:
+                gated_delta_rule_mtp(**inputs, disable_state_update=True, output=output)
+        except BaseException:  # reported by the assert below
+            failures.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=run, args=(inputs, outputs)) for inputs, _, outputs in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures[0]
+    torch.cuda.synchronize()
+    for worker, (_, expected, outputs) in enumerate(work):
+        for number, output in enumerate(outputs):
+            assert torch.isfinite(output).all(), f"thread {worker}, call {number}: output not written"
+            assert rel_error(output, expected) < OUTPUT_REL_TOL, f"thread {worker}, call {number}"
+    assert len(mtp._plans) == 1
+
+
 def test_same_shapes_on_two_gpus_alternate():
     """Calls of one signature but for the device, alternating: each device's plan (its launch context)
     must be found, whichever way the cached plan is recognised."""
