@@ -44,7 +44,6 @@ INPUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 STATE_DTYPES = {torch.float32: "fp32"}
 INDEX_DTYPES = (torch.int32, torch.int64)
 _SCALAR_DTYPES = {getattr(torch, name): code for name, code in SCALAR_DTYPE_CODES.items()}
-_PARAMS = struct.Struct(PARAM_STRUCT_FORMAT)
 _POINTER_FIELDS = sum(kind == "ptr" for _, kind in PARAM_FIELDS)  # they come first; the plan fixes the rest
 _POINTERS = struct.Struct(PARAM_STRUCT_FORMAT[: 1 + _POINTER_FIELDS])  # packed per call
 # The handle of a device's current stream (absent from CPU-only builds of torch, which never launch).
