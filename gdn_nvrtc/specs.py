@@ -33,21 +33,21 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # one wave at T >= 5): their token loop takes the decay's rescale as a multiply and its reciprocal in
 # one instruction, so no branch or call sits between tokens (v17: with the slim and early-fetch
 # choices below, up to 21% faster at B = 1-8, 1% slower at two H100 points; it cost the narrow
-# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of eight
+# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of seven
 # tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
-#   wide      large batches in update mode. With few tokens the state in flight per thread
-#             matters most, with many the arithmetic per row; at T = 3-4 a 96-register cap
-#             (5 blocks per SM) pays once the grid is larger than one wave of such blocks.
-#   uncapped  the wide tiling without that cap, for T = 3-4 grids of less than one capped wave.
+#   wide      update mode at T <= 2 from one wave, and at T = 3-4 above the mma tiling's grids
+#             (8 pairs per SM), where a 96-register cap (5 blocks per SM) pays; buffer and scatter at
+#             T <= 2 (T = 2: below the lean tiling's grids). The tiling of head dims other than 128.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
-#             (B = 1): two (T <= 2) or four times the blocks, less token-loop work per thread.
+#             (B = 1) and are not the mma tiling's: two (T <= 2) or four times the blocks, less
+#             token-loop work per thread.
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
-#             the narrow tiling (B = 1-2 at HV = 8): four times its blocks, a quarter of its
-#             arithmetic per thread and token.
-#   slim      8 rows per block, 16 lanes per row, at T >= 5 for the other narrow grids, except those
-#             of 2-3.5 narrow blocks per SM (B = 5-7 at HV = 8 on 132 SMs), where the narrow tiling
-#             stayed faster (v17); twice the narrow tiling's blocks, half of its arithmetic per thread
-#             and token.
+#             the narrow tiling (B = 1-2 at HV = 8; in update mode only at T = 5-6 below the mma
+#             tiling's grids): four times its blocks, a quarter of its arithmetic per thread and token.
+#   slim      8 rows per block, 16 lanes per row, at T >= 5 for the other narrow grids (update mode:
+#             as the spread tiling), except those of 2-3.5 narrow blocks per SM (B = 5-7 at HV = 8 on
+#             132 SMs), where the narrow tiling stayed faster (v17); twice the narrow tiling's blocks,
+#             half of its arithmetic per thread and token.
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read. At T = 3-4 on grids of
 #             up to 8 (b, hv) pairs per SM the narrow tiling does that better (v30, H200: 12-16% at
@@ -55,9 +55,11 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   lean      buffer and scatter calls at T = 2 with at least 7 (b, hv) pairs per SM: the wide
 #             tiling's 32 rows per block with 8 lanes per row and 2 rows per thread (80 registers,
 #             not 120). 1-2% faster there on an H100 and an H200; smaller grids and update mode lost.
-#   mma       update mode at T >= 7, and at T = 5-6 once the grid holds two waves of it: the token
-#             loop in chunk form with the state products on the tensor cores (fewer instructions
-#             per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
+#   mma       the token loop in chunk form with the state products on the tensor cores (fewer
+#             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
+#             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
+#             from 1/4 to 8 pairs per SM; buffer and scatter at T = 4-8 on grids of more than 1 and at
+#             most 3 pairs per SM (v31, H200: up to 43% faster on the small grids, see _mma_pays).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -79,16 +81,20 @@ LEAN_FROM_PAIRS_PER_SM = 7  # 512 pairs on 132 SMs tied (H100), 1024 gained
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
 MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging) exceeds 48 KB at K = 128
-MMA_FROM_TOKENS = 5  # measured on an H100 and an H200 (benchmarks/NOTES.md v9) at K = V = 128
-MMA_ALWAYS_FROM_TOKENS = 7  # below, only grids of at least MMA_MIN_WAVES waves gained
-MMA_MIN_WAVES = 2
-TILING_NAMES = ("wide", "uncapped", "narrow", "store", "mma", "spread", "slim", "lean")
+MMA_FROM_TOKENS = 3  # measured at T = 2-8 on an H200 (benchmarks/NOTES.md v31); at T = 2 it lost
+MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T = 8 included)
+MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
+MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
+MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost, 64 to 1024 gained, 2048 lost
+MMA_STATES_FROM_TOKENS = 4  # buffer and scatter (T = 3 not measured)
+MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pairs lost, 256 gained, 512 mixed
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
 
 
-# The tilings that do not depend on T (wide and uncapped do, through WIDE_TILINGS).
+# The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
     "slim": SLIM_TILING, "lean": LEAN_TILING,
@@ -98,8 +104,7 @@ FIXED_TILINGS = {
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
     if name in FIXED_TILINGS:
         return dict(FIXED_TILINGS[name])
-    wide = next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest)
-    return {**wide, "MIN_BLOCKS": 0} if name == "uncapped" else dict(wide)
+    return dict(next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest))
 
 
 @dataclass(frozen=True)
@@ -205,11 +210,24 @@ class KernelSpec:
         return self.head_dim_v // self.rows_per_block
 
 
-def _mma_pays(K: int, V: int, T: int, blocks: int, sm_count: int) -> bool:
-    """Update mode: whether the mma tiling (same 64-row tiles as the wide one) is the faster choice."""
+def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes_states: bool) -> bool:
+    """Whether the mma tiling is the faster choice (measured at K = V = 128 on an H200, v31: tune.py,
+    every mode against the shipped choice of v30). Its 64-row blocks hold 4 per SM; at T >= 5 its
+    chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 it beats them up to
+    about two waves, and with per-token states only near two blocks per SM (the store and narrow
+    tilings' extra blocks per SM win on larger grids, the narrow tiling's 16-row blocks on smaller)."""
     if not (K == V == PREBUILT_HEAD_DIM and MMA_FROM_TOKENS <= T <= MMA_MAX_TOKENS):
         return False
-    return T >= MMA_ALWAYS_FROM_TOKENS or blocks >= MMA_MIN_WAVES * MMA_TILING["MIN_BLOCKS"] * sm_count
+    pairs_per_sm = batch_heads / sm_count
+    if writes_states:
+        low, high = MMA_STATES_PAIRS_PER_SM
+        return T >= MMA_STATES_FROM_TOKENS and low < pairs_per_sm <= high
+    if T >= MMA_ALWAYS_FROM_TOKENS:
+        return True
+    if T >= MMA_MID_TOKENS:
+        return pairs_per_sm >= MMA_MID_MIN_PAIRS_PER_SM
+    low, high = MMA_FEW_PAIRS_PER_SM
+    return low <= pairs_per_sm <= high
 
 
 def choose_spec(
@@ -218,6 +236,8 @@ def choose_spec(
 ) -> KernelSpec:
     """The kernel for a call: its shape, whether it writes per-token states (buffer or scatter),
     B * HV and the GPU's multiprocessor count (see the tilings above)."""
+    if _mma_pays(K, V, T, batch_heads, sm_count, writes_states=writes_states):
+        return KernelSpec(K, V, T, input_dtype, state_dtype, "mma")
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
     measured = K == V == PREBUILT_HEAD_DIM  # the head dims the choices below were measured at
@@ -236,10 +256,6 @@ def choose_spec(
         name = "narrow" if measured and small else "store"
     elif writes_states and T == LEAN_TOKENS and measured and batch_heads >= LEAN_FROM_PAIRS_PER_SM * sm_count:
         name = "lean"
-    elif not writes_states and _mma_pays(K, V, T, blocks, sm_count):
-        name = "mma"
-    elif wide.min_blocks_per_sm and blocks < wide.min_blocks_per_sm * sm_count:
-        name = "uncapped"
     else:
         return wide
     return KernelSpec(K, V, T, input_dtype, state_dtype, name)
@@ -296,9 +312,9 @@ def prefetch_state(spec: KernelSpec, grid: int, wave: int, *, writes_states: boo
 
 def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
     """Every tiling choose_spec can pick for T tokens at the prebuilt head dims."""
-    names = ["wide", "narrow"]
-    if tiling_for(num_tokens)["MIN_BLOCKS"]:
-        names.append("uncapped")
+    # From T = MMA_MID_TOKENS on the mma tiling, the small-grid tilings and the store tiling take
+    # every grid there (test_specs checks that each prebuilt spec is chosen somewhere).
+    names = ["wide", "narrow"] if num_tokens < MMA_MID_TOKENS else ["narrow"]
     if num_tokens >= STORE_FROM_TOKENS:
         names.append("store")
     if num_tokens == LEAN_TOKENS:

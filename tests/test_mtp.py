@@ -135,13 +135,13 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     check_call(inputs, **mode_kwargs("update", inputs, generator))
 
 
-@pytest.mark.parametrize("T", [5, 7, 8])
+@pytest.mark.parametrize("T,B", [(4, 24), (5, 48), (7, 48), (8, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mma_tiling_chosen_for_update_mode(T, dtype):
-    """The dispatcher's mma tiling (update mode, large grids) with padding rows, write slots of which
-    one is skipped, an allocated output and a pool that is a strided slice: several waves of blocks,
-    the start delay in effect."""
-    B, H, HV = 48, 16, 32
+def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
+    """The dispatcher's mma tiling (update mode, grids of several waves; at T = 4 up to 8 (b, hv) pairs
+    per SM) with padding rows, write slots of which one is skipped, an allocated output and a pool that
+    is a strided slice: the start delay in effect."""
+    H, HV = 16, 32
     generator = torch.Generator().manual_seed(1000 * T + (dtype == torch.float16))
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
     cache = torch.randn(2 * B + 5, 2, HV, 128, 128, device="cuda")
@@ -161,6 +161,27 @@ def test_mma_tiling_chosen_for_update_mode(T, dtype):
     assert spec.tiling_name == "mma"
 
 
+@pytest.mark.parametrize("T", [3, 4, 8])
+@pytest.mark.parametrize("mode", ["buffer", "scatter", "update"])
+def test_mma_tiling_chosen_for_small_grids(T, mode):
+    """The dispatcher's mma tiling where it takes small grids: update mode at T = 3-4 from a quarter of
+    a (b, hv) pair per SM, per-token states at T = 4-8 on 1-3 pairs per SM (H = 4, HV = 8), with a
+    padding row; T = 3 with per-token states stays off it."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV = 4, 8
+    B = 2 * sms // HV if mode != "update" else sms // (2 * HV)  # about 2 or 0.5 pairs per SM
+    generator = torch.Generator().manual_seed(7000 + 10 * T + MODES.index(mode))
+    inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 1) + 3, generator=generator)
+    inputs["initial_state_indices"][B // 2] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
+                           sm_count=sms)
+    assert spec.tiling_name == ("narrow" if (T, mode) in [(3, "buffer"), (3, "scatter")] else "mma")
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec)
+
+
 @pytest.mark.parametrize("H,HV", [(1, 1), (8, 8), (2, 16), (3, 12), (5, 40)])
 @pytest.mark.parametrize("mode", ["update", "buffer"])
 def test_mma_tiling_over_head_layouts(monkeypatch, H, HV, mode):
@@ -175,14 +196,16 @@ def test_mma_tiling_over_head_layouts(monkeypatch, H, HV, mode):
     check_call(inputs, **kwargs)
 
 
-@pytest.mark.parametrize("T", [5, 8])
-@pytest.mark.parametrize("mode", ["update", "buffer", "scatter"])
-@pytest.mark.parametrize("tiling", ["spread", "slim"])
+@pytest.mark.parametrize(
+    "tiling,T,mode",
+    [(tiling, T, mode) for tiling in ("spread", "slim") for T in (5, 8) for mode in ("buffer", "scatter")]
+    + [("spread", 5, "update"), ("spread", 6, "update")],  # in update mode the mma tiling takes the rest
+)
 def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     """H = 4, HV = 8 at the largest batch for which the dispatcher picks the tiling on this GPU
-    (132 SMs: spread at B = 2, 128 narrow blocks; slim at B = 8, 512 narrow blocks): the kernel it
-    launches, one row padded where B > 1, after a previous kernel on the stream (the state fetched
-    early where the grid is small)."""
+    (132 SMs: spread at B = 2, 128 narrow blocks; slim at B = 8, 512 narrow blocks, with per-token
+    states): the kernel it launches, one row padded where B > 1, after a previous kernel on the stream
+    (the state fetched early where the grid is small)."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
 
     def spec_for(B: int):

@@ -19,6 +19,7 @@ from gdn_nvrtc.specs import (
     prefetch_state,
     start_delay,
     start_delay_applies,
+    tiling_for,
 )
 
 SMS = 132
@@ -43,6 +44,18 @@ def test_every_spec_chosen_for_a_prebuilt_shape_is_prebuilt(T, dtype):
     assert chosen <= set(PREBUILT_SPECS)
 
 
+def test_every_prebuilt_spec_is_chosen_for_some_shape():
+    """No prebuilt cubin that the dispatcher never picks (on 132 SMs, 1-4096 (b, hv) pairs)."""
+    chosen = {
+        choose_spec(128, 128, T, dtype, "fp32", writes_states=writes, batch_heads=bh, sm_count=SMS)
+        for T in range(1, 9)
+        for dtype in ("bf16", "fp16")
+        for writes in (False, True)
+        for bh in range(1, 4097)
+    }
+    assert chosen == set(PREBUILT_SPECS)
+
+
 def test_choice_of_tiling():
     def pick(T, writes, batch_heads):
         return choose_spec(128, 128, T, "bf16", "fp32", writes_states=writes, batch_heads=batch_heads,
@@ -51,35 +64,42 @@ def test_choice_of_tiling():
     # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
-    # (1056 on 132 SMs); at T <= 2 the wide tiling keeps them, except at T = 2 from 7 pairs per SM (924).
-    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
+    # (1056 on 132 SMs) and at T = 4-8 on more than 1 and at most 3 pairs per SM (133-396: the mma
+    # tiling); at T <= 2 the wide tiling keeps them, except at T = 2 from 7 pairs per SM (924).
+    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "mma", "mma", "mma"]
+    assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
+    assert [pick(T, True, pairs) for T in (4, 8) for pairs in (132, 133, 396, 397)] == (
+        ["narrow", "mma", "mma", "narrow", "store", "mma", "mma", "store"])
     assert [pick(T, True, 1057) for T in (3, 4, 5)] == ["store"] * 3
     assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
                        sm_count=SMS).tiling_name == "store"  # only measured at K = V = 128
     assert [pick(2, True, pairs) for pairs in (512, 923, 924, 1024, 8192)] == ["wide"] * 2 + ["lean"] * 3
     assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
-    # T = 3-4 in update mode: the 96-register cap only once the grid holds more than one capped wave.
-    assert pick(4, False, 8 * 32) == "uncapped"  # 512 blocks < 5 * 132
-    assert pick(4, False, 32 * 32) == "wide"
-    assert pick(2, False, 8 * 32) == "wide"
-    # Update mode at T >= 7: the mma tiling; at T = 5-6 from two waves of it (4 blocks per SM).
-    assert [pick(T, False, 8 * 32) for T in (5, 6, 7, 8)] == ["wide", "wide", "mma", "mma"]
-    assert [pick(T, False, 32 * 32) for T in (5, 6, 7, 8)] == ["mma"] * 4  # 2048 blocks >= 2 * 4 * 132
-    assert pick(6, False, 16 * 32) == "wide"  # 1024 blocks
-    assert pick(8, True, 32 * 32) == "store" and pick(4, False, 32) == "narrow"
-    # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks): at T >= 5,
-    # 4-row blocks; B = 1-2 at HV = 8 (64 or 128 narrow blocks).
-    for writes in (False, True):
-        assert [pick(T, writes, 8) for T in (2, 4, 5, 8)] == ["narrow", "narrow", "spread", "spread"]
-        assert [pick(T, writes, 16) for T in (4, 5, 8)] == ["narrow", "spread", "spread"]
-        # Other narrow grids at T >= 5: 8-row blocks (B = 3-4 and 8 at HV = 8, B = 1-2 at HV = 32, B = 1
-        # at HV = 64), except at 2-3.5 narrow blocks per SM (265-462 on 132 SMs: B = 5-7 at HV = 8).
-        assert [pick(T, writes, 64) for T in (3, 4, 5, 8)] == ["narrow", "narrow", "slim", "slim"]
-        assert [pick(T, writes, 32) for T in (4, 5, 8)] == ["narrow", "slim", "slim"]
-        pairs = (17, 32, 33, 34, 40, 56, 57, 58, 65)
-        assert [pick(8, writes, n) for n in pairs] == ["slim"] * 3 + ["narrow"] * 4 + ["slim"] * 2
-        assert pick(8, writes, 66) == ("store" if writes else "mma")  # 132 wide blocks
+    # Update mode: the mma tiling at T >= 7 on every grid, at T = 5-6 from 1/8 pair per SM (17 on 132
+    # SMs), at T = 3-4 from 1/4 (33) to 8 (1056) pairs per SM; the wide tiling above (96 registers at
+    # T = 3-4), the narrow or short-chain tilings below; never at T <= 2.
+    assert [pick(T, False, 8) for T in (1, 2, 3, 4, 5, 6, 7, 8)] == (
+        ["narrow"] * 4 + ["spread"] * 2 + ["mma"] * 2)
+    assert [pick(T, False, pairs) for T in (3, 4) for pairs in (32, 33, 1056, 1057)] == (
+        ["narrow", "mma", "mma", "wide"] * 2)
+    assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 8192)] == ["spread", "mma", "mma"] * 2
+    assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 8192)] == ["mma"] * 8
+    assert [pick(2, False, pairs) for pairs in (32, 33, 8192)] == ["narrow", "wide", "wide"]
+    assert tiling_for(4)["MIN_BLOCKS"] == 5 and pick(4, False, 1057) == "wide"
+    assert pick(8, True, 32 * 32) == "store"
+    # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks) with per-token
+    # states at T >= 5 (update mode: at T = 5-6 below 17 pairs): 4-row blocks; B = 1-2 at HV = 8 (64 or
+    # 128 narrow blocks).
+    assert [pick(T, True, 8) for T in (2, 4, 5, 8)] == ["narrow", "narrow", "spread", "spread"]
+    assert [pick(T, True, 16) for T in (4, 5, 8)] == ["narrow", "spread", "spread"]
+    # Other narrow grids at T >= 5: 8-row blocks (B = 3-4 and 8 at HV = 8, B = 1-2 at HV = 32, B = 1
+    # at HV = 64), except at 2-3.5 narrow blocks per SM (265-462 on 132 SMs: B = 5-7 at HV = 8).
+    assert [pick(T, True, 64) for T in (3, 4, 5, 8)] == ["narrow", "narrow", "slim", "slim"]
+    assert [pick(T, True, 32) for T in (4, 5, 8)] == ["narrow", "slim", "slim"]
+    pairs = (17, 32, 33, 34, 40, 56, 57, 58, 65)
+    assert [pick(8, True, n) for n in pairs] == ["slim"] * 3 + ["narrow"] * 4 + ["slim"] * 2
+    assert pick(8, True, 66) == "store"  # 132 wide blocks
     assert choose_spec(128, 64, 8, "bf16", "fp32", writes_states=False, batch_heads=1,
                        sm_count=SMS).tiling_name == "narrow"
     # Only measured at K = V = 128.
@@ -90,7 +110,7 @@ def test_choice_of_tiling():
 
 
 def test_every_tiling_name_has_a_tiling():
-    assert set(TILING_NAMES) == set(FIXED_TILINGS) | {"wide", "uncapped"}
+    assert set(TILING_NAMES) == set(FIXED_TILINGS) | {"wide"}
     assert len(TILING_NAMES) == len(set(TILING_NAMES))
 
 
