@@ -147,7 +147,7 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     cache = torch.randn(2 * B + 5, 2, HV, 128, 128, device="cuda")
     cache[:, 1].copy_(inputs["initial_state"])
     inputs["initial_state"] = cache[:, 1]
-    inputs["initial_state_indices"][[3, 30]] = -1
+    inputs["initial_state_indices"][[3, B * 5 // 8]] = -1
     read = set(inputs["initial_state_indices"].tolist())
     write = torch.tensor([s for s in range(2 * B + 5) if s not in read][:B], dtype=torch.int64, device="cuda")
     write[11] = -1  # no write-back for that row
