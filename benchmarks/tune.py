@@ -1,6 +1,6 @@
 """Compare block tilings of the kernel on the GPU (a tuning aid, not part of the package).
 
-    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--heads H,HV]
+    python benchmarks/tune.py [--variants NAME ...] [--points MODE:T:B ...] [--heads H,HV ...]
                               [--template-dir DIR ...] [--rounds N]
 
 Each variant sets the tiling of every kernel (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped
@@ -149,7 +149,8 @@ def main() -> int:
     parser.add_argument("--points", nargs="+", default=POINTS)
     parser.add_argument("--template-dir", type=Path, nargs="+", default=[None],
                         help="compile these directories' gdn_mtp.cu.j2 instead, in turn (\".\": templates/)")
-    parser.add_argument("--heads", default="16,32", help="H,HV (default 16,32)")
+    parser.add_argument("--heads", nargs="+", type=bench_mtp._heads, default=[(16, 32)], metavar="H,HV",
+                        help="head layouts, each timed at every point (default 16,32)")
     parser.add_argument("--rounds", type=int, default=1, help="time every (template, variant) this many times")
     args = parser.parse_args()
     shipped_template_dir = compiler.template_dir
@@ -157,8 +158,8 @@ def main() -> int:
     cubins.prebuilt_manifest = lambda: {"kernels": {}}  # compile every variant
     bandwidth = bench_mtp.copy_bandwidth()
     generator = torch.Generator(device="cuda").manual_seed(0)
-    H, HV = (int(x) for x in args.heads.split(","))
-    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; H={H} HV={HV}"]
+    layouts = ", ".join(f"H={H} HV={HV}" for H, HV in args.heads)
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}; {layouts}"]
     shipped_tiling = specs.tiling_for
     shipped_constants = {}
     cache_dirs = {}  # one compile cache per (template, variant), kept across rounds
@@ -176,9 +177,12 @@ def main() -> int:
                 key = (template_index, name)
                 if key not in cache_dirs:
                     cache_dirs[key] = tempfile.mkdtemp(prefix=f"gdn_tune_{template_index}_{name}_")
-                lines.append(label.ljust(12) + " " + time_variant(
-                    name, args.points, H, HV, bandwidth, generator, shipped_tiling, shipped_constants, cache_dirs[key]))
-                print(lines[-1], file=sys.stderr, flush=True)
+                for H, HV in args.heads:  # the variant's compile cache serves every layout
+                    heads = f" H={H} HV={HV}" if len(args.heads) > 1 else ""
+                    lines.append((label + heads).ljust(12) + " " + time_variant(
+                        name, args.points, H, HV, bandwidth, generator, shipped_tiling, shipped_constants,
+                        cache_dirs[key]))
+                    print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
 
