@@ -58,8 +58,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   mma       the token loop in chunk form with the state products on the tensor cores (fewer
 #             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
 #             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
-#             from 1/4 to 8 pairs per SM; buffer and scatter at T = 4-8 on grids of more than 1 and at
-#             most 3 pairs per SM (v31, H200: up to 43% faster on the small grids, see _mma_pays).
+#             from 1/4 to 8 pairs per SM; buffer and scatter at T = 3-8 on grids of more than 1 and at
+#             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
+#             on the small grids, see _mma_pays).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -86,8 +87,10 @@ MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T =
 MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
 MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost, 64 to 1024 gained, 2048 lost
-MMA_STATES_FROM_TOKENS = 4  # buffer and scatter (T = 3 not measured)
+MMA_STATES_FROM_TOKENS = 3  # buffer and scatter (v31: T = 3 at 256 pairs gained 1.6-2.7%)
 MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pairs lost, 256 gained, 512 mixed
+MMA_STATES_LONG_FROM_TOKENS = 7  # ... and from here also above MMA_STATES_LONG_MIN_PAIRS_PER_SM:
+MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 pairs lost; T = 4 at 128 lost 7-8%
 TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
@@ -215,12 +218,15 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
     every mode against the shipped choice of v30). Its 64-row blocks hold 4 per SM; at T >= 5 its
     chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 it beats them up to
     about two waves, and with per-token states only near two blocks per SM (the store and narrow
-    tilings' extra blocks per SM win on larger grids, the narrow tiling's 16-row blocks on smaller)."""
+    tilings' extra blocks per SM win on larger grids, the narrow tiling's 16-row blocks on smaller;
+    at T >= 7 down to one block per SM)."""
     if not (K == V == PREBUILT_HEAD_DIM and MMA_FROM_TOKENS <= T <= MMA_MAX_TOKENS):
         return False
     pairs_per_sm = batch_heads / sm_count
     if writes_states:
         low, high = MMA_STATES_PAIRS_PER_SM
+        if T >= MMA_STATES_LONG_FROM_TOKENS:
+            low = MMA_STATES_LONG_MIN_PAIRS_PER_SM
         return T >= MMA_STATES_FROM_TOKENS and low < pairs_per_sm <= high
     if T >= MMA_ALWAYS_FROM_TOKENS:
         return True

@@ -161,23 +161,26 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     assert spec.tiling_name == "mma"
 
 
-@pytest.mark.parametrize("T", [3, 4, 8])
-@pytest.mark.parametrize("mode", ["buffer", "scatter", "update"])
-def test_mma_tiling_chosen_for_small_grids(T, mode):
-    """The dispatcher's mma tiling where it takes small grids: update mode at T = 3-4 from a quarter of
-    a (b, hv) pair per SM, per-token states at T = 4-8 on 1-3 pairs per SM (H = 4, HV = 8), with a
-    padding row; T = 3 with per-token states stays off it."""
+@pytest.mark.parametrize(
+    "T,mode,pairs_per_sm",
+    [(T, mode, 2 if mode != "update" else 0.5) for T in (3, 4, 8) for mode in ("buffer", "scatter", "update")]
+    + [(8, "buffer", 1), (7, "scatter", 1)],
+)
+def test_mma_tiling_chosen_for_small_grids(T, mode, pairs_per_sm):
+    """The dispatcher's mma tiling where it takes small grids (H = 4, HV = 8): update mode at T = 3-4
+    from a quarter of a (b, hv) pair per SM, per-token states at T = 3-8 on 1-3 pairs per SM and at
+    T = 7-8 from 3/4 of a pair per SM, with a padding row."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV = 4, 8
-    B = 2 * sms // HV if mode != "update" else sms // (2 * HV)  # about 2 or 0.5 pairs per SM
-    generator = torch.Generator().manual_seed(7000 + 10 * T + MODES.index(mode))
+    B = int(pairs_per_sm * sms) // HV
+    generator = torch.Generator().manual_seed(7000 + 10 * T + MODES.index(mode) + int(10 * pairs_per_sm))
     inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 1) + 3, generator=generator)
     inputs["initial_state_indices"][B // 2] = -1
     mtp.forget_plans()
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
     spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
                            sm_count=sms)
-    assert spec.tiling_name == ("narrow" if (T, mode) in [(3, "buffer"), (3, "scatter")] else "mma")
+    assert spec.tiling_name == "mma"
     (plan,) = mtp._plans.values()
     assert plan.launch.function is driver.kernel(spec)
 

@@ -64,12 +64,15 @@ def test_choice_of_tiling():
     # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
-    # (1056 on 132 SMs) and at T = 4-8 on more than 1 and at most 3 pairs per SM (133-396: the mma
-    # tiling); at T <= 2 the wide tiling keeps them, except at T = 2 from 7 pairs per SM (924).
-    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "mma", "mma", "mma"]
+    # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
+    # from more than 3/4, 100-396: the mma tiling); at T <= 2 the wide tiling keeps them, except at
+    # T = 2 from 7 pairs per SM (924).
+    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "mma", "mma", "mma", "mma"]
     assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
-    assert [pick(T, True, pairs) for T in (4, 8) for pairs in (132, 133, 396, 397)] == (
-        ["narrow", "mma", "mma", "narrow", "store", "mma", "mma", "store"])
+    assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (132, 133, 396, 397)] == (
+        ["narrow", "mma", "mma", "narrow"] * 2 + ["mma", "mma", "mma", "store"])
+    assert [pick(T, True, pairs) for T in (6, 7, 8) for pairs in (99, 100, 128)] == (
+        ["store", "store", "store"] + ["store", "mma", "mma"] * 2)
     assert [pick(T, True, 1057) for T in (3, 4, 5)] == ["store"] * 3
     assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
