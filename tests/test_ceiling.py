@@ -21,16 +21,31 @@ def test_mover_compiles(T, K, V):
     assert ceiling.compile_mover(T, K, V)[:4] == b"\x7fELF"
 
 
+@pytest.mark.parametrize("variant", sorted(ceiling.MOVER_VARIANTS))
+def test_mover_variants_compile(variant):
+    assert ceiling.compile_mover(4, 128, 128, ceiling.MOVER_VARIANTS[variant])[:4] == b"\x7fELF"
+
+
 def test_arguments():
     args = ceiling.parse_args(["--modes", "scatter", "--T", "2", "4", "--B", "256", "--heads", "4,8"])
     assert (args.modes, args.T, args.B, args.heads) == (["scatter"], [2, 4], [256], [(4, 8)])
+    assert args.movers == ["plain"]
+    movers = ["plain", "st_bulk", "rows8+st_bulk", "copy"]
+    assert ceiling.parse_args(["--movers", *movers]).movers == movers
+    assert ceiling.mover_variant("rows8+st_bulk") == {"MOVE_ROWS": 8, "MOVE_ST": 4}
     with pytest.raises(SystemExit):
         ceiling.parse_args(["--modes", "gather"])
+    with pytest.raises(SystemExit):
+        ceiling.parse_args(["--movers", "fastest"])
+    with pytest.raises(SystemExit):
+        ceiling.parse_args(["--movers", "rows8+copy"])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["plain", "nowait", "ld_nc", "st_cs", "ef", "st_bulk", "rows4+st_bulk", "rows64",
+                                     "hold1us+occ4"])
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])  # update writes back what it read: no visible change
-def test_mover_writes_the_states_of_each_mode(mode):
+def test_mover_writes_the_states_of_each_mode(mode, variant):
     B, T, H, HV, K = 5, 3, 2, 4, 128
     generator = torch.Generator().manual_seed(7)
     pool_size = 4 * B * (T + 1)
@@ -46,7 +61,7 @@ def test_mover_writes_the_states_of_each_mode(mode):
         inputs["ssm_state_indices"][3, 1] = pool_size  # out of range: skipped
     before = pool.clone()
 
-    call = ceiling.Mover(T, K, K).bind(inputs)
+    call = ceiling.Mover(T, K, K, ceiling.mover_variant(variant)).bind(inputs)
     call()
     torch.cuda.synchronize()
 
@@ -66,6 +81,17 @@ def test_mover_writes_the_states_of_each_mode(mode):
         assert inputs["intermediate_states_buffer"][1].isnan().all()  # the padding row's stay poisoned
 
 
+@pytest.mark.gpu
+def test_copy_moves_one_calls_slots():
+    B, R = 3, 2
+    generator = torch.Generator().manual_seed(3)
+    inputs = make_inputs(B, 2, 2, 4, pool_size=R * B, generator=generator)
+    target = torch.full_like(inputs["initial_state"], float("nan"))
+    ceiling.bind_copy(inputs, 1, target)()
+    torch.cuda.synchronize()
+    assert torch.equal(target[B:], inputs["initial_state"][B:]) and target[:B].isnan().all()
+
+
 def test_mover_refuses_arguments_it_cannot_move():
     class FakeMover(ceiling.Mover):
         def __init__(self) -> None:
@@ -75,6 +101,8 @@ def test_mover_refuses_arguments_it_cannot_move():
     with pytest.raises(ValueError, match="compiled for T=2"):
         FakeMover().bind({"v": torch.empty(1, 3, 4, 128), "initial_state": torch.empty(1, 4, 128, 128),
                           "initial_state_indices": slots})
+    with pytest.raises(ValueError, match="48 rows per block do not split 128 x 128 states"):
+        ceiling.Mover(2, 128, 128, {"MOVE_ROWS": 48})
     with pytest.raises(ValueError, match="compiled for 128 x 128 states, the pool's are 64 x 64"):
         FakeMover().bind({"v": torch.empty(1, 2, 4, 64), "initial_state": torch.empty(1, 4, 64, 64),
                           "initial_state_indices": slots})
