@@ -140,7 +140,7 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
 def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     """The dispatcher's mma tiling (update mode, grids of several waves; at T = 4 up to 8 (b, hv) pairs
     per SM) with padding rows, write slots of which one is skipped, an allocated output and a pool that
-    is a strided slice: the start delay in effect."""
+    is a strided slice: no start delay (specs.start_delay_applies)."""
     H, HV = 16, 32
     generator = torch.Generator().manual_seed(1000 * T + (dtype == torch.float16))
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
@@ -154,7 +154,7 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     mtp.forget_plans()
     check_call(inputs, disable_state_update=False, output_state_indices=write)
     (plan,) = mtp._plans.values()
-    assert plan.fixed_values()["stagger_blocks"] > 0
+    assert plan.fixed_values()["stagger_blocks"] == 0
     spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32",
                            writes_states=False, batch_heads=B * HV,
                            sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
@@ -254,17 +254,22 @@ def test_lean_tiling_chosen_by_the_dispatcher(mode):
     assert plan.grid == B * HV * spec.tiles_per_head
 
 
-@pytest.mark.parametrize("T", [4, 8])
-def test_start_delay_is_correct(T):
-    """A grid of more than one wave in update mode, where part of the first wave starts late."""
-    generator = torch.Generator().manual_seed(T)
-    inputs = make_inputs(40, T, 16, 32, pool_size=45, generator=generator)
+@pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])
+def test_start_delay_is_correct(B, HV, dtype):
+    """A grid of more than one wave in update mode, where part of the first wave starts late (the wide
+    tiling at T = 4, above the mma tiling's grids)."""
+    T = 4
+    generator = torch.Generator().manual_seed(B)
+    inputs = make_inputs(B, T, 16, HV, dtype=dtype, pool_size=B + 5, generator=generator)
     inputs["initial_state_indices"][7] = -1
     mtp.forget_plans()
     check_call(inputs, disable_state_update=False)
-    (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= 40 * 32]
+    (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= B * HV]
     fixed = plan.fixed_values()
     assert fixed["stagger_blocks"] > 0 and fixed["stagger_ns"] > 0  # the delay was in effect
+    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32", writes_states=False,
+                           batch_heads=B * HV, sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+    assert spec.tiling_name == "wide"
 
 
 def test_write_slots_with_padding():

@@ -169,6 +169,10 @@ def test_start_delay_policy():
                 expected = (wave // 2, STAGGER_NS) if delayed else (0, 0)
                 assert start_delay(spec, writes_states=writes, grid=grid, wave=wave) == expected, (T, writes, grid)
             assert start_delay_applies(spec, writes_states=writes) == (not writes and T >= 4)
+    for T in (4, 8):  # the mma tiling: never
+        spec = KernelSpec(128, 128, T, "bf16", tiling_name="mma")
+        assert not start_delay_applies(spec, writes_states=False)
+        assert start_delay(spec, writes_states=False, grid=40 * wave, wave=wave) == (0, 0)
 
 
 def test_early_state_fetch_policy():
