@@ -13,7 +13,7 @@ stores). The last column is ours over the first mover listed that was timed.
     python benchmarks/ceiling.py --modes update buffer scatter --T 2 --B 128 256 --heads 4,8 16,32
 
 --movers times variants of the mover beside the plain one (move_states.cu's macros: cache hints,
-rows per block, bulk stores, no wait at the start), and `copy`: torch's copy of the same number of
+rows per block, lanes per row, bulk stores, no wait at the start), and `copy`: torch's copy of the same number of
 state bytes from one contiguous region to another per call (update mode only), which is the floor's
 copy cut into calls of this size.
 """
@@ -48,6 +48,7 @@ MOVER_VARIANTS: dict[str, dict[str, int]] = {
     "ld_cs": {"MOVE_LD": 1}, "ld_ef": {"MOVE_LD": 2}, "ld_nc": {"MOVE_LD": 3},
     "st_cs": {"MOVE_ST": 1}, "st_ef": {"MOVE_ST": 2}, "st_na": {"MOVE_ST": 3}, "st_bulk": {"MOVE_ST": 4},
     "ef": {"MOVE_LD": 2, "MOVE_ST": 2},
+    "lpr4": {"MOVE_LPR": 4}, "lpr8": {"MOVE_LPR": 8}, "lpr16": {"MOVE_LPR": 16},
     "rows4": {"MOVE_ROWS": 4}, "rows8": {"MOVE_ROWS": 8}, "rows16": {"MOVE_ROWS": 16}, "rows64": {"MOVE_ROWS": 64},
     "hold1us": {"MOVE_HOLD_NS": 1000}, "hold3us": {"MOVE_HOLD_NS": 3000},
     "occ4": {"MOVE_PAD_KB": 46}, "occ8": {"MOVE_PAD_KB": 26},  # at most 4 / 8 blocks per SM

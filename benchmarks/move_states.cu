@@ -11,7 +11,9 @@
 //   MOVE_ST    state stores: 0 plain (default), 1 st.global.cs, 2 L2 evict_first policy,
 //              3 st.global.L1::no_allocate, 4 bulk copies shared -> global (one per row and copy);
 //   MOVE_HOLD_NS  a pause between a block's loads and its stores, as if it computed (default 0);
-//   MOVE_PAD_KB   unused shared memory per block, to cap the blocks per SM (default 0).
+//   MOVE_PAD_KB   unused shared memory per block, to cap the blocks per SM (default 0);
+//   MOVE_LPR   0 (default): a warp's access is 512 contiguous bytes; N: the kernel's scalar layout, N
+//              lanes per V-row, so one access of a warp is 32 / N rows' N * 16 contiguous bytes each.
 // Pool and buffer are contiguous fp32: pool [pool_size, HV, V, K], buffer [B, T, HV, V, K].
 
 typedef unsigned long long u64;
@@ -35,6 +37,9 @@ typedef long long i64;
 #ifndef MOVE_PAD_KB
 #define MOVE_PAD_KB 0
 #endif
+#ifndef MOVE_LPR
+#define MOVE_LPR 0
+#endif
 
 constexpr int T = MOVE_TOKENS;
 constexpr int K = MOVE_K;
@@ -45,6 +50,18 @@ constexpr int TILES = V / ROWS;
 constexpr int CHUNKS = ROWS * K / 4 / THREADS;      // float4 per thread
 static_assert(TILES * ROWS == V, "a slot's rows split evenly over its blocks");
 static_assert(CHUNKS * 4 * THREADS == ROWS * K, "a block's rows split evenly over its threads");
+
+// The float4 of the block's rows (as one array) that a thread moves as its j-th.
+__device__ __forceinline__ int chunk_index(int tid, int j) {
+#if MOVE_LPR
+    constexpr int GROUPS = THREADS / MOVE_LPR, PER_ROW = K / 4 / MOVE_LPR;  // row groups; a lane's float4 per row
+    static_assert(ROWS % GROUPS == 0 && PER_ROW * MOVE_LPR * 4 == K, "whole rows per row group");
+    const int row = tid / MOVE_LPR + (j / PER_ROW) * GROUPS, c = j % PER_ROW;
+    return row * (K / 4) + c * MOVE_LPR + tid % MOVE_LPR;
+#else
+    return tid + j * THREADS;
+#endif
+}
 
 constexpr i64 MODE_UPDATE = 0;   // write back to the read slot
 constexpr i64 MODE_BUFFER = 1;   // T copies into the buffer at [b, t]
@@ -110,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) move_states(const __grid_c
     const float4* src = (const float4*)((const float*)p.pool + read_slot * p.HV * V * K + offset);
     float4 x[CHUNKS];
 #pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) x[j] = load4(src + tid + j * THREADS);
+    for (int j = 0; j < CHUNKS; ++j) x[j] = load4(src + chunk_index(tid, j));
 #if MOVE_PAD_KB
     __shared__ float pad_s[MOVE_PAD_KB * 256];
     if (p.mode < 0) ((volatile float*)pad_s)[tid] = x[0].x;  // never true: keeps the allocation
@@ -125,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) move_states(const __grid_c
 #if MOVE_ST == 4
     __shared__ __align__(128) float4 rows_s[ROWS * K / 4];
 #pragma unroll
-    for (int j = 0; j < CHUNKS; ++j) rows_s[tid + j * THREADS] = x[j];
+    for (int j = 0; j < CHUNKS; ++j) rows_s[chunk_index(tid, j)] = x[j];
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
 #endif
     __syncthreads();
@@ -149,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) move_states(const __grid_c
         }
 #else
 #pragma unroll
-        for (int j = 0; j < CHUNKS; ++j) store4(dst + tid + j * THREADS, x[j]);
+        for (int j = 0; j < CHUNKS; ++j) store4(dst + chunk_index(tid, j), x[j]);
 #endif
     }
 #if MOVE_ST == 4

@@ -4,10 +4,11 @@
                               [--template-dir DIR ...] [--rounds N]
 
 Each variant sets the tiling of every kernel (gdn_nvrtc.specs.tiling_for; "by_t" keeps the shipped
-choice of gdn_nvrtc.specs.choose_spec),
-compiles with NVRTC into a private cache (the prebuilt cubins are bypassed) and is timed with
-bench_mtp's method (graph replay, cold L2). --template-dir compiles other copies of the template
-(e.g. an earlier version; "." is the repository's templates/): with several, every round times
+choice of gdn_nvrtc.specs.choose_spec) or a launch option ("capN": the shipped choice launched with
+unused dynamic shared memory, so that at most N of its blocks fit on an SM), compiles with NVRTC into
+a private cache (the prebuilt cubins are bypassed) and is timed with bench_mtp's method (graph
+replay, cold L2). --template-dir compiles other copies of the template (e.g. an earlier version;
+"." is the repository's templates/): with several, every round times
 each variant of each copy in turn, in one process and against one copy-bandwidth measurement, for
 an A/B comparison.
 """
@@ -39,12 +40,17 @@ VARIANTS = {
     "by_t": None,
     "by_t_mb0": {"MIN_BLOCKS": 0},  # overrides of the shipped choice by T: the occupancy hint
     "by_t_mb5": {"MIN_BLOCKS": 5},
+    "by_t_mb6": {"MIN_BLOCKS": 6},
+    "by_t_mb10": {"MIN_BLOCKS": 10},
+    "by_t_mb12": {"MIN_BLOCKS": 12},
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma2w8": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 8},  # ... at 128 registers (8 blocks per SM)
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
+    # the shipped choice with at most N blocks per SM: unused dynamic shared memory at launch
+    "cap3": {"CAP": 3}, "cap4": {"CAP": 4}, "cap5": {"CAP": 5}, "cap6": {"CAP": 6}, "cap8": {"CAP": 8},
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling
     "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early
@@ -98,6 +104,62 @@ VARIANTS = {
 POINTS = ["update:2:256", "update:8:256", "update:2:32", "update:8:8", "buffer:4:128"]
 
 
+_shipped_launch_config = driver._launch_config
+_shipped_launch = driver.launch
+
+
+def cap_blocks(cap: int) -> None:
+    """Launch every kernel with the least dynamic shared memory (unused) that leaves at most `cap`
+    blocks of it per SM (0: none, as shipped). Patches driver's launch paths."""
+    driver._configs.clear()
+    if not cap:
+        driver._launch_config, driver.launch = _shipped_launch_config, _shipped_launch
+        return
+    padding: dict[tuple[int, int], int] = {}
+
+    def pad_for(function, block: int, device_index: int) -> int:
+        key = (int(function), block)
+        if key not in padding:
+            cu = driver.cu
+            kernel, device = cu.CUkernel(int(function)), cu.CUdevice(device_index)  # a library kernel
+            result, static = cu.cuKernelGetAttribute(
+                cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel, device)
+            driver.check(result, "cuKernelGetAttribute")
+            (result,) = cu.cuKernelSetAttribute(cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                227 * 1024 - static, kernel, device)
+            driver.check(result, "cuKernelSetAttribute")
+            pushed = driver._make_current(device_index)
+            try:
+                extra = 0
+                while True:
+                    result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, extra)
+                    driver.check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+                    if count <= cap:
+                        break
+                    extra += 256
+            finally:
+                if pushed:
+                    driver._pop_current()
+            padding[key] = extra
+            print(f"  cap {cap}: {extra} B of dynamic shared memory for a {block}-thread block "
+                  f"({static} B static)", file=sys.stderr)
+        return padding[key]
+
+    current = {}
+
+    def launch_config(grid: int, block: int, stream: int):
+        config = _shipped_launch_config(grid, block, stream)
+        config.sharedMemBytes = pad_for(current["function"], block, current["device"])
+        return config
+
+    def launch(function, grid, block, stream, device_index, params) -> None:
+        current["function"], current["device"] = function, device_index
+        driver._configs.clear()  # the padding depends on the kernel, not only on (grid, block, stream)
+        _shipped_launch(function, grid, block, stream, device_index, params)
+
+    driver._launch_config, driver.launch = launch_config, launch
+
+
 def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, shipped_constants, cache_dir) -> str:
     """Set variant `name` up (tiling, constants, launch options), compile into cache_dir (the variant's
     own), time every point; one line of results."""
@@ -109,6 +171,7 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
         shipped_constants.setdefault(constant, getattr(specs, constant))
         setattr(specs, constant, fixed.pop(key))
     driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
+    cap_blocks(fixed.pop("CAP", 0) if fixed else 0)
     mtp.start_delays = fixed.pop("DELAY", True) if fixed else True
     fixed = fixed or None
     if fixed is None:

@@ -43,7 +43,7 @@ def test_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["plain", "nowait", "ld_nc", "st_cs", "ef", "st_bulk", "rows4+st_bulk", "rows64",
-                                     "hold1us+occ4"])
+                                     "hold1us+occ4", "lpr4", "lpr16+st_bulk"])
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])  # update writes back what it read: no visible change
 def test_mover_writes_the_states_of_each_mode(mode, variant):
     B, T, H, HV, K = 5, 3, 2, 4, 128
