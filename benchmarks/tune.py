@@ -46,6 +46,7 @@ VARIANTS = {
     "by_t_nopdl": {"PDL": False},  # launched without programmatic dependent launch
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
+    "mma4_bulk": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4, "BULK_FINAL": 1},  # ... final state by bulk copies
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma2w8": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 8},  # ... at 128 registers (8 blocks per SM)
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block

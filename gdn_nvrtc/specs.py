@@ -33,7 +33,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # one wave at T >= 5): their token loop takes the decay's rescale as a multiply and its reciprocal in
 # one instruction, so no branch or call sits between tokens (v17: with the slim and early-fetch
 # choices below, up to 21% faster at B = 1-8, 1% slower at two H100 points; it cost the narrow
-# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of seven
+# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of eight
 # tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      update mode at T <= 2 from one wave, and at T = 3-4 above the mma tiling's grids
 #             (8 pairs per SM), where a 96-register cap (5 blocks per SM) pays; buffer and scatter at
@@ -61,6 +61,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             from 1/4 to 8 pairs per SM; buffer and scatter at T = 3-8 on grids of more than 1 and at
 #             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
 #             on the small grids, see _mma_pays).
+#   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
+#             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 5 on
+#             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
+#             SM, level at 7.8, mixed on smaller grids, where the plain mma tiling stays).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -91,7 +95,10 @@ MMA_STATES_FROM_TOKENS = 3  # buffer and scatter (v31: T = 3 at 256 pairs gained
 MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pairs lost, 256 gained, 512 mixed
 MMA_STATES_LONG_FROM_TOKENS = 7  # ... and from here also above MMA_STATES_LONG_MIN_PAIRS_PER_SM:
 MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 pairs lost; T = 4 at 128 lost 7-8%
-TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean")
+BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
+BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
+BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean", "bulk")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
@@ -100,7 +107,7 @@ NARROW_STATES_MAX_PAIRS_PER_SM = 8
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
-    "slim": SLIM_TILING, "lean": LEAN_TILING,
+    "slim": SLIM_TILING, "lean": LEAN_TILING, "bulk": BULK_TILING,
 }
 
 
@@ -180,6 +187,12 @@ class KernelSpec:
         return bool(self.tiling.get("GUARDED_V"))
 
     @property
+    def bulk_final(self) -> bool:
+        """The final state stored through shared memory and bulk copies (cp.async.bulk), not st.global
+        (the bulk tiling: the mma tiling's kernel otherwise)."""
+        return bool(self.tiling.get("BULK_FINAL"))
+
+    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values); in the mma form a
         quad of lanes holds two rows."""
@@ -243,7 +256,8 @@ def choose_spec(
     """The kernel for a call: its shape, whether it writes per-token states (buffer or scatter),
     B * HV and the GPU's multiprocessor count (see the tilings above)."""
     if _mma_pays(K, V, T, batch_heads, sm_count, writes_states=writes_states):
-        return KernelSpec(K, V, T, input_dtype, state_dtype, "mma")
+        bulk = not writes_states and T >= BULK_FROM_TOKENS and batch_heads >= BULK_MIN_PAIRS_PER_SM * sm_count
+        return KernelSpec(K, V, T, input_dtype, state_dtype, "bulk" if bulk else "mma")
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
     measured = K == V == PREBUILT_HEAD_DIM  # the head dims the choices below were measured at
@@ -330,6 +344,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("lean")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("mma")
+    if BULK_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
+        names.append("bulk")
     if num_tokens >= SPREAD_FROM_TOKENS:
         names.append("spread")
     if num_tokens >= SLIM_FROM_TOKENS:

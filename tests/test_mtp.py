@@ -125,7 +125,7 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
 @pytest.mark.parametrize(
     "tiling,K,V",
     [(tiling, K, V) for tiling in TILING_NAMES for K, V in FALLBACK_KV
-     if not (tiling == "mma" and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
+     if not (tiling in ("mma", "bulk") and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
 )
 def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     force_tiling(monkeypatch, tiling)
@@ -159,6 +159,36 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
                            writes_states=False, batch_heads=B * HV,
                            sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     assert spec.tiling_name == "mma"
+
+
+@pytest.mark.parametrize("T", [5, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bulk_tiling_chosen_for_large_update_grids(T, dtype):
+    """The dispatcher's bulk tiling (update mode at T >= 5 from 12 (b, hv) pairs per SM: the final state
+    through bulk copies) with padding rows, write slots of which one is skipped and one out of range, an
+    allocated output and a pool that is a strided slice of a larger cache (only its rows are written)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV = 16, 32
+    B = -(-12 * sms // HV) + 1
+    generator = torch.Generator().manual_seed(2000 * T + (dtype == torch.float16))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
+    cache = torch.randn(2 * B + 5, 2, HV, 132, 128, device="cuda")
+    cache[:, 1, :, 2:130].copy_(inputs["initial_state"])
+    inputs["initial_state"] = cache[:, 1, :, 2:130]
+    inputs["initial_state_indices"][[0, B // 2]] = -1
+    read = set(inputs["initial_state_indices"].tolist())
+    write = torch.tensor([s for s in range(2 * B + 5) if s not in read][:B], dtype=torch.int64, device="cuda")
+    write[5], write[B - 1] = -1, 2 * B + 5  # no write-back for these rows
+    untouched = cache[:, 0].clone(), cache[:, 1, :, :2].clone(), cache[:, 1, :, 130:].clone()
+    mtp.forget_plans()
+    check_call(inputs, disable_state_update=False, output_state_indices=write)
+    assert same_bits(cache[:, 0], untouched[0])
+    assert same_bits(cache[:, 1, :, :2], untouched[1]) and same_bits(cache[:, 1, :, 130:], untouched[2])
+    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32",
+                           writes_states=False, batch_heads=B * HV, sm_count=sms)
+    assert spec.tiling_name == "bulk" and spec.bulk_final
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec) and plan.fixed_values()["stagger_blocks"] == 0
 
 
 @pytest.mark.parametrize(

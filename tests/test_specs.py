@@ -86,8 +86,15 @@ def test_choice_of_tiling():
         ["narrow"] * 4 + ["spread"] * 2 + ["mma"] * 2)
     assert [pick(T, False, pairs) for T in (3, 4) for pairs in (32, 33, 1056, 1057)] == (
         ["narrow", "mma", "mma", "wide"] * 2)
-    assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 8192)] == ["spread", "mma", "mma"] * 2
-    assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 8192)] == ["mma"] * 8
+    assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1583)] == ["spread", "mma", "mma"] * 2
+    assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 1583)] == ["mma"] * 8
+    # ... from 12 pairs per SM (1584 on 132 SMs) at T >= 5 the bulk tiling (the mma kernel with the final
+    # state through bulk copies); never with per-token states, never at T = 3-4 (mma up to 8 per SM only).
+    assert [pick(T, False, pairs) for T in (5, 6, 7, 8) for pairs in (1584, 8192)] == ["bulk"] * 8
+    assert [pick(T, True, pairs) for T in (3, 5, 8) for pairs in (1584, 8192)] == ["store"] * 6
+    assert [pick(T, False, 1584) for T in (3, 4)] == ["wide"] * 2
+    assert choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=1584,
+                       sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
     assert [pick(2, False, pairs) for pairs in (32, 33, 8192)] == ["narrow", "wide", "wide"]
     assert tiling_for(4)["MIN_BLOCKS"] == 5 and pick(4, False, 1057) == "wide"
     assert pick(8, True, 32 * 32) == "store"
@@ -122,7 +129,7 @@ def test_every_tiling_name_has_a_tiling():
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
 @pytest.mark.parametrize("tiling", TILING_NAMES)
 def test_name_round_trip_and_tiling(K, V, T, tiling):
-    if tiling == "mma" and (K > MMA_MAX_HEAD_DIM_K or T > MMA_MAX_TOKENS):
+    if tiling in ("mma", "bulk") and (K > MMA_MAX_HEAD_DIM_K or T > MMA_MAX_TOKENS):
         with pytest.raises(ValueError, match="mma tiling supports K <= 128 and T <= 8"):
             KernelSpec(K, V, T, "fp16", "fp32", tiling)
         return
