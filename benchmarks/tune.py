@@ -199,7 +199,7 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
         arguments = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
         calls = [lambda kw=kw: gated_delta_rule_mtp(**kw) for kw in arguments]
         timing = bench_mtp.time_calls(calls, repeats=2, min_ms=50.0, peer=False)
-        cells.append(f"{point}={timing.us:.1f}us({timing.us / floor_us:.2f})")
+        cells.append(f"{point}={timing.us:.{2 if timing.us < 10 else 1}f}us({timing.us / floor_us:.3f})")
         del calls, arguments
         torch.cuda.empty_cache()
     mtp.forget_plans()

@@ -284,6 +284,28 @@ def test_lean_tiling_chosen_by_the_dispatcher(mode):
     assert plan.grid == B * HV * spec.tiles_per_head
 
 
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+def test_narrow_tiling_for_small_t2_state_grids(mode):
+    """T = 2 with per-token states at the largest batch that picks the narrow tiling on a grid the wide
+    tiling would fill (132 SMs: B = 6 at HV = 64, 384 pairs), fp16, padding rows and int32 indices."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV, T = 16, 64, 2
+
+    def spec_for(B: int):
+        return mtp.choose_spec(128, 128, T, "fp16", "fp32", writes_states=True, batch_heads=B * HV,
+                               sm_count=sm_count)
+
+    B = max(B for B in range(1, 64) if spec_for(B).tiling_name == "narrow")
+    assert B * HV * 4 >= sm_count  # the wide tiling's 32-row blocks would have filled the SMs
+    generator = torch.Generator().manual_seed(B + len(mode) + 2)
+    inputs = make_inputs(B, T, H, HV, dtype=torch.float16, pool_size=B * (T + 1) + 4, generator=generator)
+    inputs["initial_state_indices"][B // 2] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec_for(B)) and plan.grid == B * HV * 8
+
+
 @pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])
 def test_start_delay_is_correct(B, HV, dtype):
     """A grid of more than one wave in update mode, where part of the first wave starts late (the wide

@@ -65,9 +65,15 @@ def test_choice_of_tiling():
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
     # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
-    # from more than 3/4, 100-396: the mma tiling); at T <= 2 the wide tiling keeps them, except at
-    # T = 2 from 7 pairs per SM (924).
-    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "mma", "mma", "mma", "mma"]
+    # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, and at T = 2
+    # between 3 (396: the narrow tiling up to there) and 7 pairs per SM (924: the lean tiling from there).
+    assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "mma", "mma", "mma", "mma"]
+    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 396, 397, 923, 924)] == (
+        ["narrow"] * 5 + ["wide"] * 2 + ["lean"])
+    assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
+    assert [pick(2, False, pairs) for pairs in (64, 396)] == ["wide"] * 2  # update mode: not measured
+    assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=200,
+                       sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
     assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (132, 133, 396, 397)] == (
         ["narrow", "mma", "mma", "narrow"] * 2 + ["mma", "mma", "mma", "store"])
