@@ -37,11 +37,11 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      update mode at T <= 2 from one wave, and at T = 3-4 above the mma tiling's grids
 #             (8 pairs per SM), where a 96-register cap (5 blocks per SM) pays; buffer and scatter at
-#             T = 1 and at T = 2 between the narrow and the lean tilings' grids (3-7 pairs per SM). The
+#             T = 1 and at T = 2 between the narrow and the lean tilings' grids (3.5-7 pairs per SM). The
 #             tiling of head dims other than 128.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma tiling's: two (T <= 2) or four times the blocks, less
-#             token-loop work per thread; buffer and scatter at T = 2 up to 3 (b, hv) pairs per SM.
+#             token-loop work per thread; buffer and scatter at T = 2 up to 3.5 (b, hv) pairs per SM.
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8; in update mode only at T = 5-6 below the mma
 #             tiling's grids): four times its blocks, a quarter of its arithmetic per thread and token.
@@ -103,10 +103,10 @@ TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean", "bul
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
-# Per-token states at T = 2 on grids of at most 3 (b, hv) pairs per SM: the narrow tiling, not the wide
-# (v36, H200: 48-384 pairs on 132 SMs 0.7-12% faster, 512 pairs 0.4-0.7% slower). Not at T = 1, where it
+# Per-token states at T = 2 on grids of at most 3.5 (b, hv) pairs per SM: the narrow tiling, not the wide
+# (v36, H200: 48-416 pairs on 132 SMs 0.7-12% faster, 512 pairs 0.4-0.7% slower). Not at T = 1, where it
 # lost 3-9% from 128 pairs.
-NARROW_STATES_T2_MAX_PAIRS_PER_SM = 3
+NARROW_STATES_T2_MAX_PAIRS_PER_SM = 3.5
 
 
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).

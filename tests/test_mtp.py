@@ -287,7 +287,7 @@ def test_lean_tiling_chosen_by_the_dispatcher(mode):
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])
 def test_narrow_tiling_for_small_t2_state_grids(mode):
     """T = 2 with per-token states at the largest batch that picks the narrow tiling on a grid the wide
-    tiling would fill (132 SMs: B = 6 at HV = 64, 384 pairs), fp16, padding rows and int32 indices."""
+    tiling would fill (132 SMs: B = 7 at HV = 64, 448 pairs), fp16, padding rows and int32 indices."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV, T = 16, 64, 2
 

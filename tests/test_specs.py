@@ -66,9 +66,9 @@ def test_choice_of_tiling():
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
     # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
     # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, and at T = 2
-    # between 3 (396: the narrow tiling up to there) and 7 pairs per SM (924: the lean tiling from there).
+    # between 3.5 (462: the narrow tiling up to there) and 7 pairs per SM (924: the lean tiling from there).
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "mma", "mma", "mma", "mma"]
-    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 396, 397, 923, 924)] == (
+    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924)] == (
         ["narrow"] * 5 + ["wide"] * 2 + ["lean"])
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
     assert [pick(2, False, pairs) for pairs in (64, 396)] == ["wide"] * 2  # update mode: not measured
