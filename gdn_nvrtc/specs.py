@@ -104,7 +104,7 @@ STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide ti
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
 # Per-token states at T = 2 on grids of at most 3.5 (b, hv) pairs per SM: the narrow tiling, not the wide
-# (v36, H200: 48-416 pairs on 132 SMs 0.7-12% faster, 512 pairs 0.4-0.7% slower). Not at T = 1, where it
+# (v36, H200: 48-464 pairs on 132 SMs 0.7-12% faster, 512 pairs 0.4-0.7% slower). Not at T = 1, where it
 # lost 3-9% from 128 pairs.
 NARROW_STATES_T2_MAX_PAIRS_PER_SM = 3.5
 

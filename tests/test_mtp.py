@@ -287,7 +287,7 @@ def test_lean_tiling_chosen_by_the_dispatcher(mode):
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])
 def test_narrow_tiling_for_small_t2_state_grids(mode):
     """T = 2 with per-token states at the largest batch that picks the narrow tiling on a grid the wide
-    tiling would fill (132 SMs: B = 7 at HV = 64, 448 pairs), fp16, padding rows and int32 indices."""
+    tiling would fill (132 SMs: B = 7 at HV = 64, 448 pairs), fp16, a padding row."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV, T = 16, 64, 2
 
@@ -303,7 +303,7 @@ def test_narrow_tiling_for_small_t2_state_grids(mode):
     mtp.forget_plans()
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
     (plan,) = mtp._plans.values()
-    assert plan.launch.function is driver.kernel(spec_for(B)) and plan.grid == B * HV * 8
+    assert plan.launch.function is driver.kernel(spec_for(B)) and plan.grid == B * HV * spec_for(B).tiles_per_head
 
 
 @pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])
