@@ -299,9 +299,8 @@ def test_threads_on_two_gpus_race_the_first_loads():
     # more kernels than (T, dtype) shapes), and every shape's kernel among them.
     loaded = len(driver._libraries) - libraries_before
     assert loaded == len(driver._kernels), f"{loaded} cubins loaded for {len(driver._kernels)} kernels"
-    shapes = {worker_call_shape(call) for call in range(CALLS_PER_WORKER)}
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    assert shapes <= {(spec.num_tokens, names[spec.input_dtype]) for spec in driver._kernels}
+    shapes = {(T, mtp.INPUT_DTYPES[dtype]) for T, dtype in map(worker_call_shape, range(CALLS_PER_WORKER))}
+    assert shapes <= {(spec.num_tokens, spec.input_dtype) for spec in driver._kernels}
 
 
 def test_threads_share_one_plan_on_one_gpu():
