@@ -30,15 +30,15 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # How a block tiles the [V, K] state: THREADS threads; each V-row is shared by K / ELEMS_PER_LANE
 # lanes; each thread updates ROWS_PER_THREAD rows; MIN_BLOCKS is the launch-bounds occupancy hint
 # (0: none, the compiler's choice). SHORT_CHAIN marks the spread and slim tilings (grids smaller than
-# one wave at T >= 5): their token loop takes the decay's rescale as a multiply and its reciprocal in
-# one instruction, so no branch or call sits between tokens (v17: with the slim and early-fetch
-# choices below, up to 21% faster at B = 1-8, 1% slower at two H100 points; it cost the narrow
-# tiling at 4 blocks per SM and grew the other tilings' registers). Each call picks one of eight
-# tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
-#   wide      update mode at T <= 2 from one wave, and at T = 3-4 above the mma tiling's grids
-#             (8 pairs per SM), where a 96-register cap (5 blocks per SM) pays; buffer and scatter at
-#             T = 1 and at T = 2 between the narrow and the lean tilings' grids (3.5-7 pairs per SM). The
-#             tiling of head dims other than 128.
+# one wave at T >= 5) and the short one (T <= 2, update mode, v37): their token loop takes the decay's
+# rescale as a multiply and its reciprocal in one instruction, so no branch or call sits between tokens
+# (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
+# points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
+# picks one of nine tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
+#   wide      update mode at T <= 2 from one wave (outside the short tiling's bands), and at T = 3-4
+#             above the mma tiling's grids (8 pairs per SM), where a 96-register cap (5 blocks per SM)
+#             pays; buffer and scatter at T = 1 and at T = 2 between the narrow and the lean tilings'
+#             grids (3.5-7 pairs per SM). The tiling of head dims other than 128.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma tiling's: two (T <= 2) or four times the blocks, less
 #             token-loop work per thread; buffer and scatter at T = 2 up to 3.5 (b, hv) pairs per SM.
@@ -62,6 +62,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             from 1/4 to 8 pairs per SM; buffer and scatter at T = 3-8 on grids of more than 1 and at
 #             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
 #             on the small grids, see _mma_pays).
+#   short     the narrow tiling with the short chain (as the slim and spread tilings), in update mode at
+#             T <= 2 on grids the wide tiling fills only in part: more than 1.12 and at most 1.8, or more
+#             than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there; at 1 and 2 pairs
+#             per SM, the wide tiling's whole wave, 2.5-8% slower).
 #   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
 #             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 5 on
 #             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
@@ -96,10 +100,17 @@ MMA_STATES_FROM_TOKENS = 3  # buffer and scatter (v31: T = 3 at 256 pairs gained
 MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pairs lost, 256 gained, 512 mixed
 MMA_STATES_LONG_FROM_TOKENS = 7  # ... and from here also above MMA_STATES_LONG_MIN_PAIRS_PER_SM:
 MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 pairs lost; T = 4 at 128 lost 7-8%
+SHORT_TILING = {**NARROW_TILING, "SHORT_CHAIN": 1}
+SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); from T = 3 the mma tiling takes these grids
+# (low, high]: (b, hv) pairs per SM where update calls take the short tiling. The wide tiling's 64-thread
+# blocks fit 8 per SM, a wave of 2 pairs per SM: these bands are 0.56-0.9 and 1.05-1.5 of its waves, where
+# its last wave leaves part of the GPU idle (v37, H200, 132 SMs: 144 pairs 2.4% slower, 152-232 2-7%
+# faster, 240 level, 248-264 3-8% slower, 272 level, 288-396 2.6-7% faster, 400-448 level).
+SHORT_UPDATE_PAIRS_PER_SM = ((1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
-TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean", "bulk")
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean", "bulk", "short")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
@@ -112,7 +123,7 @@ NARROW_STATES_T2_MAX_PAIRS_PER_SM = 3.5
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
-    "slim": SLIM_TILING, "lean": LEAN_TILING, "bulk": BULK_TILING,
+    "slim": SLIM_TILING, "lean": LEAN_TILING, "bulk": BULK_TILING, "short": SHORT_TILING,
 }
 
 
@@ -183,7 +194,7 @@ class KernelSpec:
 
     @property
     def short_chain(self) -> bool:
-        """The token loop without a branch or a call per token (the spread and slim tilings)."""
+        """The token loop without a branch or a call per token (the spread, slim and short tilings)."""
         return bool(self.tiling.get("SHORT_CHAIN"))
 
     @property
@@ -254,6 +265,10 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
     return low <= pairs_per_sm <= high
 
 
+def _short_pays(pairs_per_sm: float) -> bool:
+    return any(low < pairs_per_sm <= high for low, high in SHORT_UPDATE_PAIRS_PER_SM)
+
+
 def choose_spec(
     K: int, V: int, T: int, input_dtype: str, state_dtype: str, *, writes_states: bool, batch_heads: int,
     sm_count: int,
@@ -276,6 +291,8 @@ def choose_spec(
             name = "slim"
         else:
             name = "narrow"
+    elif not writes_states and T <= SHORT_MAX_TOKENS and measured and _short_pays(batch_heads / sm_count):
+        name = "short"
     elif writes_states and T >= STORE_FROM_TOKENS:
         small = T <= NARROW_STATES_MAX_TOKENS and batch_heads <= NARROW_STATES_MAX_PAIRS_PER_SM * sm_count
         name = "narrow" if measured and small else "store"
@@ -347,6 +364,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
     names = ["wide", "narrow"] if num_tokens < MMA_MID_TOKENS else ["narrow"]
     if num_tokens >= STORE_FROM_TOKENS:
         names.append("store")
+    if num_tokens <= SHORT_MAX_TOKENS:
+        names.append("short")
     if num_tokens == LEAN_TOKENS:
         names.append("lean")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:

@@ -306,6 +306,43 @@ def test_narrow_tiling_for_small_t2_state_grids(mode):
     assert plan.launch.function is driver.kernel(spec_for(B)) and plan.grid == B * HV * spec_for(B).tiles_per_head
 
 
+@pytest.mark.parametrize(("T", "band", "write_slots", "dtype"), [
+    (1, 0, False, torch.bfloat16), (2, 0, True, torch.float16), (1, 1, True, torch.float16),
+    (2, 1, False, torch.bfloat16),
+])
+def test_short_tiling_for_part_filled_update_grids(T, band, write_slots, dtype):
+    """Update mode at T <= 2 at the largest batch (H=16, HV=32) of each band of grids that picks the short
+    tiling on this GPU (132 SMs: B = 7 and 12), the final states to the read slots or to write slots,
+    padding rows."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV = 16, 32
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+
+    def spec_for(B: int):
+        return mtp.choose_spec(128, 128, T, name, "fp32", writes_states=False, batch_heads=B * HV, sm_count=sm_count)
+
+    batches = [B for B in range(1, 64) if spec_for(B).tiling_name == "short"]
+    bands = [B for i, B in enumerate(batches) if i + 1 == len(batches) or batches[i + 1] != B + 1]  # each band's last
+    if len(bands) <= band:
+        pytest.skip(f"{len(bands)} bands of batches pick the short tiling on {sm_count} SMs")
+    B, spec = bands[band], spec_for(bands[band])
+    generator = torch.Generator().manual_seed(100 * T + B)
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 3, generator=generator)
+    inputs["initial_state_indices"][[1, B - 2]] = -1
+    kwargs = {"disable_state_update": False}
+    if write_slots:  # slots of their own, one padded
+        read = set(inputs["initial_state_indices"].tolist())
+        write = torch.tensor([s for s in torch.randperm(2 * B + 3, generator=generator).tolist() if s not in read][:B],
+                             dtype=torch.int32)
+        write[B // 2] = -1
+        kwargs["output_state_indices"] = write.cuda()
+    mtp.forget_plans()
+    check_call(inputs, **kwargs)
+    (plan,) = mtp._plans.values()
+    assert spec.short_chain and plan.launch.function is driver.kernel(spec)
+    assert plan.grid == B * HV * spec.tiles_per_head
+
+
 @pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])
 def test_start_delay_is_correct(B, HV, dtype):
     """A grid of more than one wave in update mode, where part of the first wave starts late (the wide

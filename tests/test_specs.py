@@ -71,7 +71,19 @@ def test_choice_of_tiling():
     assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924)] == (
         ["narrow"] * 5 + ["wide"] * 2 + ["lean"])
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
-    assert [pick(2, False, pairs) for pairs in (64, 396)] == ["wide"] * 2  # update mode keeps the wide tiling (v36)
+    # Update mode at T <= 2: the wide tiling, but the short one on more than 1.12 and at most 1.8 or more
+    # than 2.1 and at most 3 pairs per SM (148-237 and 278-396 on 132 SMs, v37); never with per-token states.
+    edges = (64, 147, 148, 237, 238, 256, 277, 278, 396, 397, 8192)
+    for T in (1, 2):
+        assert [pick(T, False, pairs) for pairs in edges] == (
+            ["wide"] * 2 + ["short"] * 2 + ["wide"] * 3 + ["short"] * 2 + ["wide"] * 2)
+        assert [pick(T, True, pairs) for pairs in (148, 300)] == ["narrow" if T == 2 else "wide"] * 2
+    assert [pick(T, False, 200) for T in (3, 4)] == ["mma"] * 2
+    # By pairs per SM: 400 pairs are 3.03 per SM on 132 SMs (no band), 1.52 on 264 (the first band).
+    assert [choose_spec(128, 128, 2, "bf16", "fp32", writes_states=False, batch_heads=400, sm_count=n).tiling_name
+            for n in (SMS, 2 * SMS)] == ["wide", "short"]
+    assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=False, batch_heads=200,
+                       sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=200,
                        sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
@@ -196,7 +208,7 @@ def test_early_state_fetch_policy():
         for grid, early in [(1, True), (wave // 2, True), (wave // 2 + 1, False), (40 * wave, False)]:
             assert prefetch_state(spec, grid, wave, writes_states=writes) == early, (tiling, writes, grid)
     # The short-chain tilings in update mode: up to a whole wave.
-    for tiling in ("slim", "spread"):
+    for tiling in ("slim", "spread", "short"):
         spec = KernelSpec(128, 128, 8, "bf16", tiling_name=tiling)
         assert spec.short_chain and prefetch_state(spec, wave, wave, writes_states=False)
         assert not prefetch_state(spec, wave + 1, wave, writes_states=False)
