@@ -35,12 +35,12 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
 # picks one of nine tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
-#   wide      update mode at T <= 2 from one wave (outside the short tiling's bands), and at T = 3-4
+#   wide      update mode at T <= 2 from one wave outside the short tiling's bands, and at T = 3-4
 #             above the mma tiling's grids (8 pairs per SM), where a 96-register cap (5 blocks per SM)
 #             pays; buffer and scatter at T = 1 and at T = 2 between the narrow and the lean tilings'
 #             grids (3.5-7 pairs per SM). The tiling of head dims other than 128.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
-#             (B = 1) and are not the mma tiling's: two (T <= 2) or four times the blocks, less
+#             (B = 1) and are not the mma or short tilings': two (T <= 2) or four times the blocks, less
 #             token-loop work per thread; buffer and scatter at T = 2 up to 3.5 (b, hv) pairs per SM.
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8; in update mode only at T = 5-6 below the mma
@@ -63,9 +63,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
 #             on the small grids, see _mma_pays).
 #   short     the narrow tiling with the short chain (as the slim and spread tilings), in update mode at
-#             T <= 2 on grids the wide tiling fills only in part: more than 1.12 and at most 1.8, or more
-#             than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there; at 1 and 2 pairs
-#             per SM, the wide tiling's whole wave, 2.5-8% slower).
+#             T <= 2 on grids the wide tiling fills only in part: up to 0.5, more than 1.12 and at most
+#             1.8, or more than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there, up
+#             to 4% below 0.5; at 1 and 2 pairs per SM, the wide tiling's whole wave, 2.5-8% slower).
 #   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
 #             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 5 on
 #             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
@@ -103,10 +103,12 @@ MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 
 SHORT_TILING = {**NARROW_TILING, "SHORT_CHAIN": 1}
 SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); from T = 3 the mma tiling takes these grids
 # (low, high]: (b, hv) pairs per SM where update calls take the short tiling. The wide tiling's 64-thread
-# blocks fit 8 per SM, a wave of 2 pairs per SM: these bands are 0.56-0.9 and 1.05-1.5 of its waves, where
-# its last wave leaves part of the GPU idle (v37, H200, 132 SMs: 144 pairs 2.4% slower, 152-232 2-7%
-# faster, 240 level, 248-264 3-8% slower, 272 level, 288-396 2.6-7% faster, 400-448 level).
-SHORT_UPDATE_PAIRS_PER_SM = ((1.12, 1.8), (2.1, 3.0))
+# blocks fit 8 per SM, a wave of 2 pairs per SM: the upper bands are 0.56-0.9 and 1.05-1.5 of its waves,
+# where its last wave leaves part of the GPU idle (v37, H200, 132 SMs: 144 pairs 2.4% slower, 152-232 2-7%
+# faster, 240 level, 248-264 3-8% slower, 272 level, 288-396 2.6-7% faster, 400-448 level). On the
+# smallest grids (the narrow tiling below 33 pairs, the wide one with its early state fetch from there)
+# 8-64 pairs gained 1.4-4% at T = 2 and 0.3-1.5% at T = 1; 80 pairs lost 9% and 128 4-10%.
+SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
@@ -281,6 +283,8 @@ def choose_spec(
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
     measured = K == V == PREBUILT_HEAD_DIM  # the head dims the choices below were measured at
+    if not writes_states and T <= SHORT_MAX_TOKENS and measured and _short_pays(batch_heads / sm_count):
+        return KernelSpec(K, V, T, input_dtype, state_dtype, "short")
     if blocks < sm_count:
         narrow_blocks = batch_heads * KernelSpec(K, V, T, input_dtype, state_dtype, "narrow").tiles_per_head
         if measured and T >= SPREAD_FROM_TOKENS and narrow_blocks < sm_count:
@@ -291,8 +295,6 @@ def choose_spec(
             name = "slim"
         else:
             name = "narrow"
-    elif not writes_states and T <= SHORT_MAX_TOKENS and measured and _short_pays(batch_heads / sm_count):
-        name = "short"
     elif writes_states and T >= STORE_FROM_TOKENS:
         small = T <= NARROW_STATES_MAX_TOKENS and batch_heads <= NARROW_STATES_MAX_PAIRS_PER_SM * sm_count
         name = "narrow" if measured and small else "store"

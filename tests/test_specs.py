@@ -61,8 +61,9 @@ def test_choice_of_tiling():
         return choose_spec(128, 128, T, "bf16", "fp32", writes_states=writes, batch_heads=batch_heads,
                            sm_count=SMS).tiling_name
 
-    # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs).
-    assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["narrow"] * 4
+    # B = 1 at HV = 32: the wide tiling would leave SMs idle (64 or 128 blocks on 132 SMs); in update mode
+    # at T <= 2 the short tiling takes such grids.
+    assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["short"] + ["narrow"] * 3
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
     # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
     # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, and at T = 2
@@ -71,12 +72,13 @@ def test_choice_of_tiling():
     assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924)] == (
         ["narrow"] * 5 + ["wide"] * 2 + ["lean"])
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
-    # Update mode at T <= 2: the wide tiling, but the short one on more than 1.12 and at most 1.8 or more
-    # than 2.1 and at most 3 pairs per SM (148-237 and 278-396 on 132 SMs, v37); never with per-token states.
-    edges = (64, 147, 148, 237, 238, 256, 277, 278, 396, 397, 8192)
+    # Update mode at T <= 2: the wide tiling, but the short one on up to 0.5, more than 1.12 and at most 1.8
+    # or more than 2.1 and at most 3 pairs per SM (1-66, 148-237 and 278-396 on 132 SMs, v37); never with
+    # per-token states.
+    edges = (1, 32, 33, 66, 67, 147, 148, 237, 238, 256, 277, 278, 396, 397, 8192)
     for T in (1, 2):
         assert [pick(T, False, pairs) for pairs in edges] == (
-            ["wide"] * 2 + ["short"] * 2 + ["wide"] * 3 + ["short"] * 2 + ["wide"] * 2)
+            ["short"] * 4 + ["wide"] * 2 + ["short"] * 2 + ["wide"] * 3 + ["short"] * 2 + ["wide"] * 2)
         assert [pick(T, True, pairs) for pairs in (148, 300)] == ["narrow" if T == 2 else "wide"] * 2
     assert [pick(T, False, 200) for T in (3, 4)] == ["mma"] * 2
     # By pairs per SM: 400 pairs are 3.03 per SM on 132 SMs (no band), 1.52 on 264 (the first band).
@@ -101,7 +103,7 @@ def test_choice_of_tiling():
     # SMs), at T = 3-4 from 1/4 (33) to 8 (1056) pairs per SM; the wide tiling above (96 registers at
     # T = 3-4), the narrow or short-chain tilings below; never at T <= 2.
     assert [pick(T, False, 8) for T in (1, 2, 3, 4, 5, 6, 7, 8)] == (
-        ["narrow"] * 4 + ["spread"] * 2 + ["mma"] * 2)
+        ["short"] * 2 + ["narrow"] * 2 + ["spread"] * 2 + ["mma"] * 2)
     assert [pick(T, False, pairs) for T in (3, 4) for pairs in (32, 33, 1056, 1057)] == (
         ["narrow", "mma", "mma", "wide"] * 2)
     assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1583)] == ["spread", "mma", "mma"] * 2
@@ -113,7 +115,7 @@ def test_choice_of_tiling():
     assert [pick(T, False, 1584) for T in (3, 4)] == ["wide"] * 2
     assert choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=1584,
                        sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
-    assert [pick(2, False, pairs) for pairs in (32, 33, 8192)] == ["narrow", "wide", "wide"]
+    assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
     assert tiling_for(4)["MIN_BLOCKS"] == 5 and pick(4, False, 1057) == "wide"
     assert pick(8, True, 32 * 32) == "store"
     # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks) with per-token
