@@ -91,7 +91,7 @@ VARIANTS = {
     "narrow_long": variant(elems_per_lane=16),  # the narrow, slim and spread tilings without the short chain
     "slim_long": variant(elems_per_lane=8),
     "spread_long": variant(elems_per_lane=4),
-    "narrow_short": variant(elems_per_lane=16, short_chain=1),  # ... with it (shipped for slim and spread only)
+    "narrow_short": variant(elems_per_lane=16, short_chain=1),  # ... with it: the short tiling (v37)
     "slim_short": variant(elems_per_lane=8, short_chain=1),
     "spread_short": variant(elems_per_lane=4, short_chain=1),
     "epl4_rpt2": variant(elems_per_lane=4, rows_per_thread=2),  # 8 rows per block, 32 lanes per row
