@@ -101,7 +101,7 @@ MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pair
 MMA_STATES_LONG_FROM_TOKENS = 7  # ... and from here also above MMA_STATES_LONG_MIN_PAIRS_PER_SM:
 MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 pairs lost; T = 4 at 128 lost 7-8%
 SHORT_TILING = {**NARROW_TILING, "SHORT_CHAIN": 1}
-SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); from T = 3 the mma tiling takes these grids
+SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); at T = 3-4 the mma tiling takes most of these grids
 # (low, high]: (b, hv) pairs per SM where update calls take the short tiling. The wide tiling's 64-thread
 # blocks fit 8 per SM, a wave of 2 pairs per SM: the upper bands are 0.56-0.9 and 1.05-1.5 of its waves,
 # where its last wave leaves part of the GPU idle (v37, H200, 132 SMs: 144 pairs 2.4% slower, 152-232 2-7%
