@@ -92,6 +92,8 @@ VARIANTS = {
     "slim_long": variant(elems_per_lane=8),
     "spread_long": variant(elems_per_lane=4),
     "narrow_short": variant(elems_per_lane=16, short_chain=1),  # ... with it: the short tiling (v37)
+    "narrow_mb10": variant(elems_per_lane=16, min_blocks=10),  # the narrow tiling at 48 registers (10 blocks per SM)
+    "narrow_mb12": variant(elems_per_lane=16, min_blocks=12),  # ... at 40 registers (12 blocks per SM)
     "slim_short": variant(elems_per_lane=8, short_chain=1),
     "spread_short": variant(elems_per_lane=4, short_chain=1),
     "epl4_rpt2": variant(elems_per_lane=4, rows_per_thread=2),  # 8 rows per block, 32 lanes per row

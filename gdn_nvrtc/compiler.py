@@ -59,7 +59,6 @@ def render(spec: KernelSpec) -> str:
         min_blocks=spec.min_blocks_per_sm,
         mma=spec.uses_mma,
         short_chain=spec.short_chain,
-        guarded_v=spec.guarded_v,
         bulk_final=spec.bulk_final,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,

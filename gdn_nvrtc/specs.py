@@ -34,14 +34,13 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # rescale as a multiply and its reciprocal in one instruction, so no branch or call sits between tokens
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
-# picks one of nine tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
+# picks one of eight tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      update mode at T <= 2 from one wave outside the short tiling's bands, and at T = 3-4
 #             above the mma tiling's grids (8 pairs per SM), where a 96-register cap (5 blocks per SM)
-#             pays; buffer and scatter at T = 1 and at T = 2 between the narrow and the lean tilings'
-#             grids (3.5-7 pairs per SM). The tiling of head dims other than 128.
+#             pays; buffer and scatter at T = 1. The tiling of head dims other than 128.
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma or short tilings': two (T <= 2) or four times the blocks, less
-#             token-loop work per thread; buffer and scatter at T = 2 up to 3.5 (b, hv) pairs per SM.
+#             token-loop work per thread; buffer and scatter at T = 2 on every grid.
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8; in update mode only at T = 5-6 below the mma
 #             tiling's grids): four times its blocks, a quarter of its arithmetic per thread and token.
@@ -53,9 +52,6 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             which suits a kernel that writes T + 1 states per state read. At T = 3-4 on grids of
 #             up to 8 (b, hv) pairs per SM the narrow tiling does that better (v30, H200: 12-16% at
 #             128 pairs, 2.5-5% at 256, 0-1.3% at 512-1024; at 4096 pairs it lost 0.8%).
-#   lean      buffer and scatter calls at T = 2 with at least 7 (b, hv) pairs per SM: the wide
-#             tiling's 32 rows per block with 8 lanes per row and 2 rows per thread (80 registers,
-#             not 120). 1-2% faster there on an H100 and an H200; smaller grids and update mode lost.
 #   mma       the token loop in chunk form with the state products on the tensor cores (fewer
 #             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
 #             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
@@ -82,12 +78,6 @@ SLIM_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 1, "MIN_B
 SLIM_FROM_TOKENS = 5  # measured at T = 4-8 (benchmarks/NOTES.md v14)
 SLIM_NOT_NARROW_WAVES = (2.0, 3.5)  # narrow blocks per SM where the narrow tiling stays (v17; v14: <= 3.5)
 STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}
-# GUARDED_V: only the threads whose v element is in range load it (the other tilings load at a clamped
-# index from every thread, v29); the lean tiling serves grids of many waves only, where the clamped
-# form's redundant loads cost 0.4-0.6% (H200) and its latency gain does not show.
-LEAN_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0, "GUARDED_V": 1}
-LEAN_TOKENS = 2  # measured at T = 2 only (benchmarks/NOTES.md v15)
-LEAN_FROM_PAIRS_PER_SM = 7  # 512 pairs on 132 SMs tied (H100), 1024 gained
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
 MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging) exceeds 48 KB at K = 128
@@ -112,20 +102,21 @@ SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
-TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "lean", "bulk", "short")
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
-# Per-token states at T = 2 on grids of at most 3.5 (b, hv) pairs per SM: the narrow tiling, not the wide
-# (v36, H200: 48-464 pairs on 132 SMs 0.7-12% faster, 512 pairs 0.4-0.7% slower). Not at T = 1, where it
-# lost 3-9% from 128 pairs.
-NARROW_STATES_T2_MAX_PAIRS_PER_SM = 3.5
+# Per-token states at T = 2: the narrow tiling on every grid (H200, 132 SMs; v36 against the wide tiling:
+# 48-464 pairs 0.7-12% faster, 512 pairs 0.4-0.7% slower; v38: 768 pairs 1.2-2% faster than the wide tiling,
+# 1024-32768 pairs 0.15-1.5% faster than the 32-row tiling with 2 rows per thread that served them since v15,
+# 512 pairs level to 0.35% slower). Not at T = 1, where it lost 3-9% from 128 pairs.
+NARROW_STATES_TOKENS = 2
 
 
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
-    "slim": SLIM_TILING, "lean": LEAN_TILING, "bulk": BULK_TILING, "short": SHORT_TILING,
+    "slim": SLIM_TILING, "bulk": BULK_TILING, "short": SHORT_TILING,
 }
 
 
@@ -198,11 +189,6 @@ class KernelSpec:
     def short_chain(self) -> bool:
         """The token loop without a branch or a call per token (the spread, slim and short tilings)."""
         return bool(self.tiling.get("SHORT_CHAIN"))
-
-    @property
-    def guarded_v(self) -> bool:
-        """v loaded only by the threads whose element is in range (the lean tiling), not at a clamped index."""
-        return bool(self.tiling.get("GUARDED_V"))
 
     @property
     def bulk_final(self) -> bool:
@@ -298,10 +284,8 @@ def choose_spec(
     elif writes_states and T >= STORE_FROM_TOKENS:
         small = T <= NARROW_STATES_MAX_TOKENS and batch_heads <= NARROW_STATES_MAX_PAIRS_PER_SM * sm_count
         name = "narrow" if measured and small else "store"
-    elif writes_states and T == 2 and measured and batch_heads <= NARROW_STATES_T2_MAX_PAIRS_PER_SM * sm_count:
+    elif writes_states and T == NARROW_STATES_TOKENS and measured:
         name = "narrow"
-    elif writes_states and T == LEAN_TOKENS and measured and batch_heads >= LEAN_FROM_PAIRS_PER_SM * sm_count:
-        name = "lean"
     else:
         return wide
     return KernelSpec(K, V, T, input_dtype, state_dtype, name)
@@ -368,8 +352,6 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("store")
     if num_tokens <= SHORT_MAX_TOKENS:
         names.append("short")
-    if num_tokens == LEAN_TOKENS:
-        names.append("lean")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("mma")
     if BULK_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:

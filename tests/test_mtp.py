@@ -264,46 +264,32 @@ def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     assert early or tiling != "spread"
 
 
-@pytest.mark.parametrize("mode", ["buffer", "scatter"])
-def test_lean_tiling_chosen_by_the_dispatcher(mode):
-    """T = 2 with per-token states at the smallest batch that picks the lean tiling on this GPU
-    (132 SMs: B = 29 at HV = 32), int64 indices, padding rows and an allocated output."""
+@pytest.mark.parametrize(("mode", "HV", "B", "index_dtype", "dtype"), [
+    ("buffer", 64, 7, torch.int32, torch.float16), ("scatter", 64, 7, torch.int32, torch.float16),
+    ("buffer", 32, 29, torch.int64, torch.bfloat16), ("scatter", 8, 130, torch.int64, torch.bfloat16),
+])
+def test_narrow_tiling_for_t2_state_grids(mode, HV, B, index_dtype, dtype):
+    """T = 2 with per-token states takes the narrow tiling on grids the wide tiling would fill: 448 pairs
+    (HV = 64, B = 7, a given output) and grids of several waves (928 and 1040 pairs, int64 indices, an
+    allocated output), with padding rows."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    H, HV, T = 16, 32, 2
-    B = next(B for B in range(1, 4096) if mtp.choose_spec(
-        128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count).tiling_name == "lean")
-    generator = torch.Generator().manual_seed(B + len(mode))
-    inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 1) + 3, generator=generator)
-    inputs["initial_state_indices"] = inputs["initial_state_indices"].long()
-    inputs["initial_state_indices"][[0, B - 1]] = -1
-    mtp.forget_plans()
-    check_call(inputs, **mode_kwargs(mode, inputs, generator))
-    (plan,) = mtp._plans.values()
-    spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count)
-    assert spec.tiling_name == "lean" and plan.launch.function is driver.kernel(spec)
-    assert plan.grid == B * HV * spec.tiles_per_head
-
-
-@pytest.mark.parametrize("mode", ["buffer", "scatter"])
-def test_narrow_tiling_for_small_t2_state_grids(mode):
-    """T = 2 with per-token states at the largest batch that picks the narrow tiling on a grid the wide
-    tiling would fill (132 SMs: B = 7 at HV = 64, 448 pairs), fp16, a padding row."""
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    H, HV, T = 16, 64, 2
-
-    def spec_for(B: int):
-        return mtp.choose_spec(128, 128, T, "fp16", "fp32", writes_states=True, batch_heads=B * HV,
-                               sm_count=sm_count)
-
-    B = max(B for B in range(1, 64) if spec_for(B).tiling_name == "narrow")
+    H, T = (4 if HV == 8 else 16), 2
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    spec = mtp.choose_spec(128, 128, T, name, "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count)
+    assert spec.tiling_name == "narrow"
     assert B * HV * 4 >= sm_count  # the wide tiling's 32-row blocks would have filled the SMs
-    generator = torch.Generator().manual_seed(B + len(mode) + 2)
-    inputs = make_inputs(B, T, H, HV, dtype=torch.float16, pool_size=B * (T + 1) + 4, generator=generator)
-    inputs["initial_state_indices"][B // 2] = -1
+    generator = torch.Generator().manual_seed(B + HV + len(mode))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=B * (T + 1) + 4, generator=generator)
+    inputs["initial_state_indices"] = inputs["initial_state_indices"].to(index_dtype)
+    padded = [B // 2] if B < 16 else [0, B // 2, B - 1]
+    inputs["initial_state_indices"][padded] = -1
+    kwargs = mode_kwargs(mode, inputs, generator)
+    if B < 16:  # a given output (its padding row left alone); the larger grids allocate theirs (zeros there)
+        kwargs["output"] = nan_like((B, T, HV, 128), dtype)
     mtp.forget_plans()
-    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    check_call(inputs, **kwargs)
     (plan,) = mtp._plans.values()
-    assert plan.launch.function is driver.kernel(spec_for(B)) and plan.grid == B * HV * spec_for(B).tiles_per_head
+    assert plan.launch.function is driver.kernel(spec) and plan.grid == B * HV * spec.tiles_per_head
 
 
 @pytest.mark.parametrize(("T", "band", "write_slots", "dtype"), [

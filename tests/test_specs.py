@@ -66,11 +66,10 @@ def test_choice_of_tiling():
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["short"] + ["narrow"] * 3
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
     # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
-    # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, and at T = 2
-    # between 3.5 (462: the narrow tiling up to there) and 7 pairs per SM (924: the lean tiling from there).
+    # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, at T = 2 the narrow
+    # tiling takes every grid.
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "mma", "mma", "mma", "mma"]
-    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924)] == (
-        ["narrow"] * 5 + ["wide"] * 2 + ["lean"])
+    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924, 32768)] == ["narrow"] * 9
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
     # Update mode at T <= 2: the wide tiling, but the short one on up to 0.5, more than 1.12 and at most 1.8
     # or more than 2.1 and at most 3 pairs per SM (1-66, 148-237 and 278-396 on 132 SMs, v37); never with
@@ -88,7 +87,7 @@ def test_choice_of_tiling():
                        sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=200,
                        sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
-    assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["wide", "narrow", "narrow", "store", "store"]
+    assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "narrow", "narrow", "store", "store"]
     assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (132, 133, 396, 397)] == (
         ["narrow", "mma", "mma", "narrow"] * 2 + ["mma", "mma", "mma", "store"])
     assert [pick(T, True, pairs) for T in (6, 7, 8) for pairs in (99, 100, 128)] == (
@@ -97,7 +96,6 @@ def test_choice_of_tiling():
     assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
                        sm_count=SMS).tiling_name == "store"  # only measured at K = V = 128
-    assert [pick(2, True, pairs) for pairs in (512, 923, 924, 1024, 8192)] == ["wide"] * 2 + ["lean"] * 3
     assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
     # Update mode: the mma tiling at T >= 7 on every grid, at T = 5-6 from 1/8 pair per SM (17 on 132
     # SMs), at T = 3-4 from 1/4 (33) to 8 (1056) pairs per SM; the wide tiling above (96 registers at
