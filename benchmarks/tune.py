@@ -71,6 +71,9 @@ VARIANTS = {
     "delay_min2": {"specs.STAGGER_MIN_WAVES": 2},
     "delay_min1_5us": {"specs.STAGGER_MIN_WAVES": 1, "specs.STAGGER_NS": 5000},
     "delay_all_t2_3us": {"specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_FROM_TOKENS": 2, "specs.STAGGER_NS": 3000},
+    "delay_t1": {"specs.STAGGER_FROM_TOKENS": 1},  # the shipped delay (6 us, grids of more than a wave) from T = 1
+    "delay_t1_3us": {"specs.STAGGER_FROM_TOKENS": 1, "specs.STAGGER_NS": 3000},
+    "delay_t1_2us": {"specs.STAGGER_FROM_TOKENS": 1, "specs.STAGGER_NS": 2000},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
