@@ -74,6 +74,10 @@ VARIANTS = {
     "delay_t1": {"specs.STAGGER_FROM_TOKENS": 1},  # the shipped delay (6 us, grids of more than a wave) from T = 1
     "delay_t1_3us": {"specs.STAGGER_FROM_TOKENS": 1, "specs.STAGGER_NS": 3000},
     "delay_t1_2us": {"specs.STAGGER_FROM_TOKENS": 1, "specs.STAGGER_NS": 2000},
+    # the delay on the mma tiling, single waves included (v39: one wave loads, computes and stores in turn)
+    "mma_delay_2us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 2000},
+    "mma_delay_3us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 3000},
+    "mma_delay_4us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 4000},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
