@@ -298,8 +298,8 @@ def choose_spec(
 # wave (a single wave lost time: T = 4 and 8 at B = 8 on an H200); per-token-state calls did not gain.
 # Not on the mma tiling (v33, H200: without the delay T = 4 at B = 16-32 was 1.7% faster, T = 5-8 from
 # B = 32 to 512 level or up to 0.6% faster), so in effect the wide tiling at T = 4 on grids above the
-# mma tiling's (more than 8 (b, hv) pairs per SM). On the mma tiling's single waves (v39, H200, 2-4 us)
-# it lost 13% (HV = 32, B = 8) to 76% (H=4 HV=8, B = 8); STAGGER_ON_MMA turns it on there for tune.py.
+# mma tiling's (more than 8 (b, hv) pairs per SM). On the mma tiling's single waves (v39b, H200, 2-4 us)
+# it lost 12-15% (HV = 32 B = 8, H=4 HV=8 B = 32); STAGGER_ON_MMA turns it on there for tune.py.
 STAGGER_FROM_TOKENS = 4
 STAGGER_FRACTION = 0.5  # of the first wave
 STAGGER_NS = 6000
