@@ -159,6 +159,7 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
                            writes_states=False, batch_heads=B * HV,
                            sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     assert spec.tiling_name == "mma"
+    assert plan.launch.function is driver.kernel(spec) and plan.grid == B * HV * spec.tiles_per_head
 
 
 @pytest.mark.parametrize("T", [5, 8])
