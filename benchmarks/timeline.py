@@ -31,7 +31,7 @@ import bench_mtp  # noqa: E402
 from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, mtp, specs  # noqa: E402
 
 GLOBAL_NAME = "gdn_timeline"
-CAPACITY = 1 << 18  # u64 entries of the __device__ array
+CAPACITY = 1 << 20  # u64 entries of the __device__ array
 MARK_NAMES = ("entry", "waited", "copies issued", "barrier", "half 1 landed", "half 2 landed", "S0 . x",
               "recurrence", "final update", "end")
 STRIDE = 2 * len(MARK_NAMES) + 1  # per warp: (globaltimer, clock64) per mark, then the SM id
@@ -182,7 +182,8 @@ class Recorder:
         return host
 
 
-def run_point(recorder: Recorder, mode: str, T: int, B: int, H: int, HV: int, generator) -> list[str]:
+def run_point(recorder: Recorder, mode: str, T: int, B: int, H: int, HV: int, generator,
+              save: Path | None = None) -> list[str]:
     title = f"{mode} T={T} B={B} H={H} HV={HV}"
     spec = specs.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
                              sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
@@ -197,8 +198,14 @@ def run_point(recorder: Recorder, mode: str, T: int, B: int, H: int, HV: int, ge
         recorder.clear(spec)
         for kwargs in batch:
             gated_delta_rule_mtp(**kwargs)
+        entries = recorder.read(spec)
         lines.append(f"== {title}, {spec.name}, {grid} blocks: {label}")
-        lines += summarise(recorder.read(spec), grid, warps)
+        lines += summarise(entries, grid, warps)
+        if save is not None:
+            save.mkdir(parents=True, exist_ok=True)
+            name = f"{mode}-T{T}-B{B}-H{H}-HV{HV}-{'isolated' if len(batch) == 1 else 'last'}.pt"
+            torch.save({"entries": entries[: grid * warps * STRIDE].clone(), "blocks": grid, "warps": warps,
+                        "marks": MARK_NAMES, "stride": STRIDE, "spec": spec.name}, save / name)
     return lines
 
 
@@ -206,6 +213,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", nargs="+", default=["update:4:8", "update:8:8"], metavar="MODE:T:B")
     parser.add_argument("--heads", nargs="+", type=bench_mtp._heads, default=[(16, 32)], metavar="H,HV")
+    parser.add_argument("--save", type=Path, default=None, metavar="DIR",
+                        help="also write each call's raw marks (torch.save) into DIR")
     args = parser.parse_args()
     recorder = Recorder()
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -213,7 +222,7 @@ def main() -> int:
     for point in args.points:
         mode, T, B = point.split(":")
         for H, HV in args.heads:
-            print("\n".join(run_point(recorder, mode, int(T), int(B), H, HV, generator)), flush=True)
+            print("\n".join(run_point(recorder, mode, int(T), int(B), H, HV, generator, args.save)), flush=True)
     return 0
 
 
