@@ -1,16 +1,18 @@
 """Where a block of the mma tiling spends its time: per-warp timestamps on the GPU (a diagnostic aid,
 not part of the package).
 
-    python benchmarks/timeline.py [--points MODE:T:B ...] [--heads H,HV ...]
+    python benchmarks/timeline.py [--points MODE:T:B ...] [--heads H,HV ...] [--save DIR]
 
 Writes a copy of templates/gdn_mtp.cu.j2 with a timestamp at each of MARKS in the mma kernel (lane 0 of
 every warp stores %globaltimer and %clock64 into a __device__ array), compiles the calls' kernels from it
 into a private cache (the prebuilt cubins are bypassed), and per point makes one call on a cold L2
 ("isolated") and, separately, eight calls back to back, keeping the last one's marks. It prints, per mark,
 the time from the first block's start over the blocks (warp 0; p0 p10 p50 p90 p100, us) and, per phase,
-the warps' durations from %clock64. Only the mma and bulk tilings carry the marks; other points are
-skipped. The marks are stores and move the kernel's timing a little: compare phases, not totals with
-bench_mtp. NOTES v40 has what it showed.
+the warps' durations from %clock64 (%globaltimer advanced in steps of 0.256 us on the H200 measured, so
+the marks' times are that coarse; the phases are not). --save also writes each call's raw marks (torch.save
+of the array, blocks x warps x (globaltimer, clock64 per mark, then the SM id)). Only the mma and bulk
+tilings carry the marks; other points are skipped. The marks are stores and move the kernel's timing a
+little: compare phases, not totals with bench_mtp. NOTES v40 and v41 have what it showed.
 """
 
 from __future__ import annotations

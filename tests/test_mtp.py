@@ -384,6 +384,25 @@ def test_strided_pool_slice_of_larger_cache():
     assert same_bits(cache[:, 1, :, 130:], untouched[2])
 
 
+@pytest.mark.parametrize("tiling", ["mma", "bulk", "wide"])
+@pytest.mark.parametrize("mode", ["update", "scatter"])
+def test_pool_rows_padded_beyond_k(monkeypatch, tiling, mode):
+    """A pool whose rows lie K + 8 floats apart (a slice of a cache with padded rows): every tiling takes
+    the row stride from the call (the mma tiling's copies included), and the padding stays untouched."""
+    force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, mode, "padded rows")) % 2**31)
+    B, T, H, HV, K = 5, 8, 4, 8, 128
+    pool_size = B * (T + 2) + 2
+    inputs = make_inputs(B, T, H, HV, pool_size=pool_size, generator=generator)
+    cache = torch.randn(pool_size, HV, K, K + 8, generator=generator).mul_(0.1).cuda()
+    pool = cache[..., :K]
+    assert pool.stride(2) == K + 8
+    inputs["initial_state"] = pool
+    padding = cache[..., K:].clone()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    assert same_bits(cache[..., K:], padding)
+
+
 def test_packed_projection_views():
     B, T, H, HV, K, V = 6, 3, 4, 8, 128, 128
     inputs = make_inputs(B, T, H, HV, pool_size=10)
