@@ -191,7 +191,7 @@ def run_point(recorder: Recorder, mode: str, T: int, B: int, H: int, HV: int, ge
                              sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     if not spec.uses_mma:
         return [f"== {title}: {spec.name} has no marks (not the mma or bulk tiling); skipped"]
-    grid, warps = B * HV * spec.tiles_per_head, spec.threads_per_block // 32
+    grid, warps = B * HV * spec.blocks_per_head, spec.threads_per_block // 32
     if grid * warps * STRIDE > CAPACITY:
         return [f"== {title}: {grid} blocks need more than the {CAPACITY} entries of the array; skipped"]
     calls = bench_mtp.build_calls(mode, B, T, H, HV, 8, generator)

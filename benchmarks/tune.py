@@ -47,6 +47,10 @@ VARIANTS = {
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
     "mma4_bulk": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4, "BULK_FINAL": 1},  # ... final state by bulk copies
+    # every call of the mma kernel (not the bulk one) on the twin tiling: two tiles per block (v42), at 3
+    # blocks per SM, or at 4 (twin4)
+    "mma_twin": {"MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3},
+    "mma_twin4": {"MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 4},
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma2w8": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 8},  # ... at 128 registers (8 blocks per SM)
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
@@ -186,10 +190,16 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
     fixed = fixed or None
     if fixed is None:
         specs.tiling_for = shipped_tiling
-    elif "THREADS" not in fixed:  # an override of the shipped choice
-        specs.tiling_for = lambda num_tokens, name="wide", change=fixed: {
-            **shipped_tiling(num_tokens, name), **change
-        }
+    elif "THREADS" not in fixed:  # an override of the shipped choice (MMA_ONLY: of the mma tiling's only)
+        mma_only = fixed.pop("MMA_ONLY", False)
+
+        def patched(num_tokens, name="wide", change=fixed, mma_only=mma_only):
+            tiling = shipped_tiling(num_tokens, name)
+            if mma_only and not (tiling.get("MMA") and not tiling.get("BULK_FINAL")):
+                return tiling
+            return {**tiling, **change}
+
+        specs.tiling_for = patched
     else:
         specs.tiling_for = lambda num_tokens, name="wide", tiling=fixed: tiling
     # The compile cache is keyed by the source files, which a patched tiling leaves alone.

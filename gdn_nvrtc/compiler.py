@@ -60,6 +60,7 @@ def render(spec: KernelSpec) -> str:
         mma=spec.uses_mma,
         short_chain=spec.short_chain,
         bulk_final=spec.bulk_final,
+        two_tiles=spec.two_tiles,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

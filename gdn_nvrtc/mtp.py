@@ -336,9 +336,9 @@ def _make_plan(
         writes_states=writes_states, batch_heads=B * HV,
         sm_count=_sm_count(device.index),
     )
-    grid = B * HV * spec.tiles_per_head
+    grid = B * HV * spec.blocks_per_head
     if grid > _MAX_GRID:
-        raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.tiles_per_head})")
+        raise ValueError(f"B * HV = {B * HV} is too large for one launch (at most {_MAX_GRID // spec.blocks_per_head})")
 
     kernel = driver.kernel(spec) if B else None
     stagger_blocks, stagger_ns = 0, 0

@@ -34,7 +34,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # rescale as a multiply and its reciprocal in one instruction, so no branch or call sits between tokens
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
-# picks one of eight tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
+# picks one of ten tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      update mode at T <= 2 from one wave outside the short tiling's bands, and at T = 3-4
 #             above the mma tiling's grids (8 pairs per SM), where a 96-register cap (5 blocks per SM)
 #             pays; buffer and scatter at T = 1. The tiling of head dims other than 128.
@@ -57,7 +57,8 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
 #             from 1/4 to 8 pairs per SM; buffer and scatter at T = 3-8 on grids of more than 1 and at
 #             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
-#             on the small grids, see _mma_pays).
+#             on the small grids, see _mma_pays); in update mode the bulk and twin tilings below take
+#             some of these grids.
 #   short     the narrow tiling with the short chain (as the slim and spread tilings), in update mode at
 #             T <= 2 on grids the wide tiling fills only in part: up to 0.5, more than 1.12 and at most
 #             1.8, or more than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there, up
@@ -66,6 +67,12 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 5 on
 #             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
 #             SM, level at 7.8, mixed on smaller grids, where the plain mma tiling stays).
+#   twin      the mma tiling's kernel with two tiles of a (b, hv) pair per block, one after the other,
+#             the second tile's state copies landing while the first computes; up to 168 registers, 3
+#             blocks per SM. Update mode at T = 3-8 on more than 2.5 and at most 3 pairs per SM, where
+#             its blocks are one wave and the mma tiling's are 1.25-1.5 (v42, H200: 3-8% faster).
+#   twin4     the same at 128 registers, 4 blocks per SM: update mode at T = 3-4 on more than 3.5 and at
+#             most 4 pairs per SM (v42, H200: 2.5-6% faster; at T >= 5 it spills and lost).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -102,7 +109,16 @@ SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
-TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short")
+TWIN_TILING = {**MMA_TILING, "TWO_TILES": 1, "MIN_BLOCKS": 3}
+TWIN4_TILING = {**MMA_TILING, "TWO_TILES": 1}
+# (low, high]: (b, hv) pairs per SM where update calls take the twin tilings (v42, H200, 132 SMs, HV = 32
+# and 64 against the mma tiling: twin at 2.67 and 2.91 pairs per SM 3.2-8.4% faster at T = 3-8, at 2.42
+# from 3.8% faster to 0.7% slower, at 3.15-4.12 7-28% slower; twin4 at T = 3-4 at 3.64 and 3.88 2.5-6.1%
+# faster, at 3.39 level to 1% slower, at 3.15 and 4.12 4-7% slower, at T >= 5 1.8-30% slower).
+TWIN_PAIRS_PER_SM = (2.5, 3.0)
+TWIN4_PAIRS_PER_SM = (3.5, 4.0)
+TWIN4_MAX_TOKENS = 4
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
@@ -116,7 +132,7 @@ NARROW_STATES_TOKENS = 2
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
-    "slim": SLIM_TILING, "bulk": BULK_TILING, "short": SHORT_TILING,
+    "slim": SLIM_TILING, "bulk": BULK_TILING, "short": SHORT_TILING, "twin": TWIN_TILING, "twin4": TWIN4_TILING,
 }
 
 
@@ -197,6 +213,12 @@ class KernelSpec:
         return bool(self.tiling.get("BULK_FINAL"))
 
     @property
+    def two_tiles(self) -> bool:
+        """Each block takes two tiles of its (b, hv) pair, one after the other, the second tile's state
+        copies in flight while the first computes (the twin tilings: the mma kernel only)."""
+        return self.uses_mma and bool(self.tiling.get("TWO_TILES"))
+
+    @property
     def lanes_per_row(self) -> int:
         """Threads that share one V-row of the state (each holds K / lanes values); in the mma form a
         quad of lanes holds two rows."""
@@ -229,6 +251,14 @@ class KernelSpec:
     def tiles_per_head(self) -> int:
         return self.head_dim_v // self.rows_per_block
 
+    @property
+    def tiles_per_block(self) -> int:
+        return min(2, self.tiles_per_head) if self.two_tiles else 1
+
+    @property
+    def blocks_per_head(self) -> int:
+        return self.tiles_per_head // self.tiles_per_block
+
 
 def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes_states: bool) -> bool:
     """Whether the mma tiling is the faster choice (measured at K = V = 128 on an H200, v31: tune.py,
@@ -253,6 +283,17 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
     return low <= pairs_per_sm <= high
 
 
+def _twin_pays(T: int, pairs_per_sm: float) -> str | None:
+    """The twin tiling that beats the mma tiling on an update-mode grid of the mma tiling's, if one does."""
+    low, high = TWIN_PAIRS_PER_SM
+    if low < pairs_per_sm <= high:
+        return "twin"
+    low, high = TWIN4_PAIRS_PER_SM
+    if T <= TWIN4_MAX_TOKENS and low < pairs_per_sm <= high:
+        return "twin4"
+    return None
+
+
 def _short_pays(pairs_per_sm: float) -> bool:
     return any(low < pairs_per_sm <= high for low, high in SHORT_UPDATE_PAIRS_PER_SM)
 
@@ -264,6 +305,9 @@ def choose_spec(
     """The kernel for a call: its shape, whether it writes per-token states (buffer or scatter),
     B * HV and the GPU's multiprocessor count (see the tilings above)."""
     if _mma_pays(K, V, T, batch_heads, sm_count, writes_states=writes_states):
+        twin = _twin_pays(T, batch_heads / sm_count) if not writes_states else None
+        if twin:
+            return KernelSpec(K, V, T, input_dtype, state_dtype, twin)
         bulk = not writes_states and T >= BULK_FROM_TOKENS and batch_heads >= BULK_MIN_PAIRS_PER_SM * sm_count
         return KernelSpec(K, V, T, input_dtype, state_dtype, "bulk" if bulk else "mma")
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
@@ -355,7 +399,9 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
     if num_tokens <= SHORT_MAX_TOKENS:
         names.append("short")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
-        names.append("mma")
+        names += ["mma", "twin"]
+    if MMA_FROM_TOKENS <= num_tokens <= TWIN4_MAX_TOKENS:
+        names.append("twin4")
     if BULK_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("bulk")
     if num_tokens >= SPREAD_FROM_TOKENS:

@@ -18,6 +18,7 @@ from gdn_nvrtc.specs import (
     TILING_NAMES,
     KernelSpec,
     prefetch_state,
+    tiling_for,
 )
 
 pytestmark = pytest.mark.gpu
@@ -125,7 +126,7 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
 @pytest.mark.parametrize(
     "tiling,K,V",
     [(tiling, K, V) for tiling in TILING_NAMES for K, V in FALLBACK_KV
-     if not (tiling in ("mma", "bulk") and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
+     if not (tiling_for(1, tiling).get("MMA") and K > MMA_MAX_HEAD_DIM_K)],  # that spec does not exist (test_specs)
 )
 def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     force_tiling(monkeypatch, tiling)
@@ -329,6 +330,50 @@ def test_short_tiling_for_part_filled_update_grids(T, band, write_slots, dtype):
     (plan,) = mtp._plans.values()
     assert spec.short_chain and plan.launch.function is driver.kernel(spec)
     assert plan.grid == B * HV * spec.tiles_per_head
+
+
+@pytest.mark.parametrize(("tiling", "T", "HV", "write_slots", "dtype"), [
+    ("twin", 3, 32, False, torch.bfloat16), ("twin", 5, 64, True, torch.float16), ("twin", 8, 32, True, torch.bfloat16),
+    ("twin4", 3, 64, True, torch.float16), ("twin4", 4, 32, False, torch.bfloat16),
+])
+def test_twin_tilings_chosen_for_update_mode(tiling, T, HV, write_slots, dtype):
+    """The dispatcher's twin tilings (update mode, two tiles per block) at the largest batch that picks them on
+    this GPU (H = 16; 132 SMs: twin at B = 12 (HV = 32) / 6 (HV = 64), twin4 at B = 16 / 8): padding rows (the
+    first and the last), the final states to the read slots or to write slots (one skipped, one out of range),
+    an output poisoned before the call, a pool that is a strided slice of a larger cache (only its rows are
+    written)."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    H, name = 16, "bf16" if dtype == torch.bfloat16 else "fp16"
+
+    def spec_for(B: int):
+        return mtp.choose_spec(128, 128, T, name, "fp32", writes_states=False, batch_heads=B * HV, sm_count=sm_count)
+
+    batches = [B for B in range(1, 128) if spec_for(B).tiling_name == tiling]
+    if not batches:
+        pytest.skip(f"no batch picks the {tiling} tiling at HV = {HV} on {sm_count} SMs")
+    B, spec = batches[-1], spec_for(batches[-1])
+    generator = torch.Generator().manual_seed(300 * T + HV + B)
+    pool_size = 2 * B + 3
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size, generator=generator)
+    cache = torch.randn(pool_size, 2, HV, 128, 128, device="cuda")
+    cache[:, 0].copy_(inputs["initial_state"])
+    inputs["initial_state"] = cache[:, 0]
+    inputs["initial_state_indices"][[0, B - 1]] = -1
+    kwargs = {"disable_state_update": False, "output": nan_like((B, T, HV, 128), dtype)}
+    if write_slots:
+        read = set(inputs["initial_state_indices"].tolist())
+        write = torch.tensor([s for s in torch.randperm(pool_size, generator=generator).tolist() if s not in read][:B],
+                             dtype=torch.int64)
+        write[B // 2], write[B // 3] = -1, pool_size
+        kwargs["output_state_indices"] = write.cuda()
+    untouched = cache[:, 1].clone()
+    mtp.forget_plans()
+    check_call(inputs, **kwargs)
+    assert same_bits(cache[:, 1], untouched)
+    (plan,) = mtp._plans.values()
+    assert spec.tiling_name == tiling and spec.two_tiles and plan.launch.function is driver.kernel(spec)
+    assert plan.grid == B * HV * spec.blocks_per_head == B * HV * spec.tiles_per_head // 2
+    assert plan.fixed_values()["stagger_blocks"] == 0
 
 
 @pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])

@@ -114,6 +114,20 @@ def test_choice_of_tiling():
     assert choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=1584,
                        sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
     assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
+    # Update mode on the mma kernel's grids: the twin tiling (two tiles per block, 3 blocks per SM) on more
+    # than 2.5 and at most 3 pairs per SM (331-396 on 132 SMs) at T = 3-8, the twin4 tiling (4 blocks per SM)
+    # on more than 3.5 and at most 4 (463-528) at T = 3-4 (v42); never with per-token states.
+    edges = (330, 331, 396, 397, 462, 463, 528, 529)
+    for T in (3, 4):
+        assert [pick(T, False, pairs) for pairs in edges] == (
+            ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "mma"])
+    for T in (5, 8):
+        assert [pick(T, False, pairs) for pairs in edges] == ["mma", "twin", "twin"] + ["mma"] * 5
+    assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (331, 463)] == ["mma", "narrow"] * 2 + ["mma", "store"]
+    assert choose_spec(128, 128, 4, "bf16", "fp32", writes_states=False, batch_heads=528,
+                       sm_count=2 * SMS).tiling_name == "mma"  # 2 pairs per SM
+    assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=False, batch_heads=352,
+                       sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert tiling_for(4)["MIN_BLOCKS"] == 5 and pick(4, False, 1057) == "wide"
     assert pick(8, True, 32 * 32) == "store"
     # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks) with per-token
@@ -147,13 +161,15 @@ def test_every_tiling_name_has_a_tiling():
 @pytest.mark.parametrize("T", [1, 8, MAX_TOKENS])
 @pytest.mark.parametrize("tiling", TILING_NAMES)
 def test_name_round_trip_and_tiling(K, V, T, tiling):
-    if tiling in ("mma", "bulk") and (K > MMA_MAX_HEAD_DIM_K or T > MMA_MAX_TOKENS):
+    if tiling_for(1, tiling).get("MMA") and (K > MMA_MAX_HEAD_DIM_K or T > MMA_MAX_TOKENS):
         with pytest.raises(ValueError, match="mma tiling supports K <= 128 and T <= 8"):
             KernelSpec(K, V, T, "fp16", "fp32", tiling)
         return
     spec = KernelSpec(K, V, T, "fp16", "fp32", tiling)
     assert KernelSpec.from_name(spec.name) == spec
     assert spec.rows_per_block * spec.tiles_per_head == V
+    assert spec.tiles_per_block * spec.blocks_per_head == spec.tiles_per_head
+    assert spec.tiles_per_block == (min(2, spec.tiles_per_head) if tiling in ("twin", "twin4") else 1)
     assert spec.rows_per_block * spec.lanes_per_row <= spec.threads_per_block * spec.rows_per_thread
     assert K % (spec.lanes_per_row * 4) == 0
 
