@@ -212,7 +212,9 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
     for point in points:
         mode, T, B = point.split(":")
         T, B = int(T), int(B)
-        registers.add(compiler.compile_spec(specs.KernelSpec(128, 128, T, "bf16")).registers)
+        spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
+                               sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+        registers.add(compiler.compile_spec(spec).registers)  # of the kernel the point runs
         floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
         footprint = bench_mtp.footprint_bytes(mode, B, T, H, HV)
         R = bench_mtp.calls_per_replay(footprint, 1e9, 0.6 * torch.cuda.mem_get_info()[0])
