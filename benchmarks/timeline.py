@@ -11,8 +11,9 @@ the time from the first block's start over the blocks (warp 0; p0 p10 p50 p90 p1
 the warps' durations from %clock64 (%globaltimer advanced in steps of 0.256 us on the H200 measured, so
 the marks' times are that coarse; the phases are not). --save also writes each call's raw marks (torch.save
 of the array, blocks x warps x (globaltimer, clock64 per mark, then the SM id)). Only the mma and bulk
-tilings carry the marks; other points are skipped. The marks are stores and move the kernel's timing a
-little: compare phases, not totals with bench_mtp. NOTES v40 and v41 have what it showed.
+tilings carry the marks (not the twin tilings, whose second tile's marks would overwrite the first's);
+other points are skipped. The marks are stores and move the kernel's timing a little: compare phases,
+not totals with bench_mtp. NOTES v40 and v41 have what it showed.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def run_point(recorder: Recorder, mode: str, T: int, B: int, H: int, HV: int, ge
     title = f"{mode} T={T} B={B} H={H} HV={HV}"
     spec = specs.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
                              sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
-    if not spec.uses_mma:
+    if not spec.uses_mma or spec.two_tiles:  # a twin block's second tile would overwrite its first's marks
         return [f"== {title}: {spec.name} has no marks (not the mma or bulk tiling); skipped"]
     grid, warps = B * HV * spec.blocks_per_head, spec.threads_per_block // 32
     if grid * warps * STRIDE > CAPACITY:
