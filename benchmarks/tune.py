@@ -162,15 +162,15 @@ def cap_blocks(cap: int) -> None:
 
     current = {}
 
-    def launch_config(grid: int, block: int, stream: int):
-        config = _shipped_launch_config(grid, block, stream)
-        config.sharedMemBytes = pad_for(current["function"], block, current["device"])
+    def launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0):
+        config = _shipped_launch_config(grid, block, stream, shared_bytes)
+        config.sharedMemBytes = max(shared_bytes, pad_for(current["function"], block, current["device"]))
         return config
 
-    def launch(function, grid, block, stream, device_index, params) -> None:
+    def launch(function, grid, block, stream, device_index, params, shared_bytes=0) -> None:
         current["function"], current["device"] = function, device_index
         driver._configs.clear()  # the padding depends on the kernel, not only on (grid, block, stream)
-        _shipped_launch(function, grid, block, stream, device_index, params)
+        _shipped_launch(function, grid, block, stream, device_index, params, shared_bytes)
 
     driver._launch_config, driver.launch = launch_config, launch
 

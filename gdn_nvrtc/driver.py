@@ -109,18 +109,67 @@ def _pop_current() -> None:
     check(result, "cuCtxPopCurrent")
 
 
-def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int:
+def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int, shared_bytes: int = 0) -> int:
     """How many blocks of the kernel fit on one multiprocessor of cuda:device_index at once
-    (registers, shared memory). The query runs in that device's context, which the calling
-    thread need not have current."""
+    (registers, shared memory), launched with shared_bytes of dynamic shared memory. The query runs
+    in that device's context, which the calling thread need not have current."""
     pushed = _make_current(device_index)
     try:
-        result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, 0)
+        result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, shared_bytes)
         check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
     finally:
         if pushed:
             _pop_current()
     return int(count)
+
+
+_paddings: dict[tuple[int, int, int, int], int] = {}
+
+
+def shared_bytes_for_at_most(function: cu.CUfunction, block: int, device_index: int, blocks: int) -> int:
+    """The dynamic shared memory (which the kernel does not use) to launch the kernel with so that at
+    most `blocks` of its blocks fit on one multiprocessor of cuda:device_index: 0 where its registers
+    and static shared memory allow no more already. Where it is not 0, the kernel's limit of dynamic
+    shared memory on that device is first raised to all that a block may have (cuKernelSetAttribute).
+    Raises CudaError where no padding gives 1 to `blocks` blocks per multiprocessor."""
+    key = (int(function), block, device_index, blocks)
+    padding = _paddings.get(key)
+    if padding is not None:
+        return padding
+    # Without a lock: threads that meet here first compute the same padding.
+    if blocks_per_sm(function, block, device_index) <= blocks:
+        padding = 0
+    else:
+        kernel, device = cu.CUkernel(int(function)), cu.CUdevice(device_index)
+        result, most = cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device)
+        check(result, "cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)")
+        result, static = cu.cuKernelGetAttribute(
+            cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel, device)
+        check(result, "cuKernelGetAttribute(SHARED_SIZE_BYTES)")
+        limit = int(most) - int(static)
+        (result,) = cu.cuKernelSetAttribute(
+            cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit, kernel, device)
+        check(result, "raising the kernel's dynamic shared memory limit (cuKernelSetAttribute)")
+        pushed = _make_current(device_index)
+        try:
+            # The most dynamic shared memory with which blocks + 1 still fit, and one byte more ...
+            result, room = cu.cuOccupancyAvailableDynamicSMemPerBlock(function, blocks + 1, block)
+            check(result, "cuOccupancyAvailableDynamicSMemPerBlock")
+        finally:
+            if pushed:
+                _pop_current()
+        padding = min(int(room) + 1, limit)
+        count = blocks_per_sm(function, block, device_index, padding)
+        while count > blocks and padding < limit:  # ... or more, in allocation units, should that still fit
+            padding = min(padding + 128, limit)
+            count = blocks_per_sm(function, block, device_index, padding)
+        if not 1 <= count <= blocks:
+            raise CudaError(
+                f"{padding} B of dynamic shared memory leave {count} blocks of {block} threads per "
+                f"multiprocessor on cuda:{device_index}, not 1 to {blocks}")
+    _paddings[key] = padding
+    return padding
 
 
 # Programmatic dependent launch: the kernel may be scheduled while the previous kernel of its
@@ -130,16 +179,16 @@ def blocks_per_sm(function: cu.CUfunction, block: int, device_index: int) -> int
 # returns at once.
 programmatic_launch = True
 
-# Launch configurations by (grid, block, stream): a CUlaunchConfig costs about 1 us to fill per
-# launch through the bindings, and serving calls repeat a few shapes on one stream. They are
-# never modified once stored, so threads may share them.
-_configs: dict[tuple[int, int, int], cu.CUlaunchConfig] = {}
+# Launch configurations by (grid, block, stream, dynamic shared memory): a CUlaunchConfig costs about
+# 1 us to fill per launch through the bindings, and serving calls repeat a few shapes on one stream.
+# They are never modified once stored, so threads may share them.
+_configs: dict[tuple[int, int, int, int], cu.CUlaunchConfig] = {}
 _MAX_CONFIGS = 1024
 
 
-def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
+def _launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0) -> cu.CUlaunchConfig:
     """A 1-D launch configuration with the PDL attribute."""
-    key = (grid, block, stream)
+    key = (grid, block, stream, shared_bytes)
     config = _configs.get(key)
     if config is None:
         attribute = cu.CUlaunchAttribute()
@@ -150,7 +199,7 @@ def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
         config.blockDimX = block
         config.hStream = stream
         config.gridDimY = config.gridDimZ = config.blockDimY = config.blockDimZ = 1
-        config.sharedMemBytes = 0
+        config.sharedMemBytes = shared_bytes
         config.attrs = [attribute]
         config.numAttrs = 1
         if len(_configs) >= _MAX_CONFIGS:
@@ -160,21 +209,23 @@ def _launch_config(grid: int, block: int, stream: int) -> cu.CUlaunchConfig:
 
 
 class Launch:
-    """A kernel with its 1-D grid and block on one device, and its parameter struct: what a call's plan
-    launches. The struct is `head` (a struct.Struct of the values each call passes) followed by the
+    """A kernel with its 1-D grid and block on one device, the dynamic shared memory it is launched with
+    (shared_bytes, unused by the kernel: a cap on its blocks per SM), and its parameter struct: what a
+    call's plan launches. The struct is `head` (a struct.Struct of the values each call passes) followed by the
     fixed bytes `tail`. launch(stream, *values) packs the values into this launch's buffer for the
     calling thread and launches as launch() does, with less host time for a repeated stream: the
     launch configuration of the latest stream it ran on is kept with it."""
 
-    __slots__ = ("function", "grid", "block", "device_index", "_context", "_last", "_pack", "_size", "_tail",
-                 "_buffers")
+    __slots__ = ("function", "grid", "block", "device_index", "shared_bytes", "_context", "_last", "_pack",
+                 "_size", "_tail", "_buffers")
 
     def __init__(self, function: cu.CUfunction, grid: int, block: int, device_index: int, head: struct.Struct,
-                 tail: bytes = b"") -> None:
+                 tail: bytes = b"", shared_bytes: int = 0) -> None:
         self.function = function
         self.grid = grid
         self.block = block
         self.device_index = device_index
+        self.shared_bytes = shared_bytes
         self._context = _primary_context(device_index)
         self._last: tuple = (None, None)  # (stream, config), replaced as one object: threads may share it
         self._pack = head.pack_into
@@ -213,23 +264,24 @@ class Launch:
             if result != _SUCCESS:
                 check(result, "cuLaunchKernelEx")
             return
-        launch(self.function, self.grid, self.block, stream, self.device_index, params)
+        launch(self.function, self.grid, self.block, stream, self.device_index, params, self.shared_bytes)
         if programmatic_launch:
-            self._last = (stream, _launch_config(self.grid, self.block, stream))
+            self._last = (stream, _launch_config(self.grid, self.block, stream, self.shared_bytes))
 
 
-def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int) -> None:
-    """Launch function with a 1-D grid on the given stream handle of device_index; params is the
-    address of a one-entry array holding the address of the packed parameter struct (see
-    Launch.parameters)."""
+def launch(function: cu.CUfunction, grid: int, block: int, stream: int, device_index: int, params: int,
+           shared_bytes: int = 0) -> None:
+    """Launch function with a 1-D grid and shared_bytes of dynamic shared memory on the given stream
+    handle of device_index; params is the address of a one-entry array holding the address of the
+    packed parameter struct (see Launch.parameters)."""
     pushed = stream == _NULL_STREAM and _make_current(device_index)
     try:
         if programmatic_launch:
-            (result,) = cu.cuLaunchKernelEx(_launch_config(grid, block, stream), function, params, 0)
+            (result,) = cu.cuLaunchKernelEx(_launch_config(grid, block, stream, shared_bytes), function, params, 0)
             if result != _SUCCESS:
                 check(result, "cuLaunchKernelEx")
         else:
-            (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
+            (result,) = cu.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, stream, params, 0)
             if result != _SUCCESS:
                 check(result, "cuLaunchKernel")
     finally:

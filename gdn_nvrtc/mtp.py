@@ -343,8 +343,13 @@ def _make_plan(
     kernel = driver.kernel(spec) if B else None
     stagger_blocks, stagger_ns = 0, 0
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
+    shared_bytes = 0
     if kernel is not None:
-        wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index) * _sm_count(device.index)
+        if spec.max_blocks_per_sm:
+            shared_bytes = driver.shared_bytes_for_at_most(
+                kernel, spec.threads_per_block, device.index, spec.max_blocks_per_sm)
+        wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index, shared_bytes) * _sm_count(
+            device.index)
         if start_delays and start_delay_applies(spec, writes_states=writes_states):
             stagger_blocks, stagger_ns = start_delay(spec, writes_states=writes_states, grid=grid, wave=wave)
         if prefetch_state(spec, grid, wave, writes_states=writes_states):
@@ -387,7 +392,7 @@ def _make_plan(
     fixed_params = _FIXED.pack(*(fixed[name] for name, _ in PARAM_FIELDS[_POINTER_FIELDS:]))
     return _Plan(
         launch=None if kernel is None else driver.Launch(
-            kernel, grid, spec.threads_per_block, device.index, _POINTERS, fixed_params),
+            kernel, grid, spec.threads_per_block, device.index, _POINTERS, fixed_params, shared_bytes),
         device=device,
         device_index=device.index,
         grid=grid,

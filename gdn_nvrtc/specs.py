@@ -109,13 +109,16 @@ SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
-TWIN_TILING = {**MMA_TILING, "TWO_TILES": 1, "MIN_BLOCKS": 3}
+# MAX_BLOCKS: at most this many blocks per SM, whatever registers the compiler takes (the launch adds
+# unused dynamic shared memory where more would fit; v43: the twin kernel at T = 4 compiles to 128
+# registers, and 4 blocks per SM on a grid of under 3 were 14% slower than 3).
+TWIN_TILING = {**MMA_TILING, "TWO_TILES": 1, "MIN_BLOCKS": 3, "MAX_BLOCKS": 3}
 TWIN4_TILING = {**MMA_TILING, "TWO_TILES": 1}
 # (low, high]: (b, hv) pairs per SM where update calls take the twin tilings (v42, H200, 132 SMs, HV = 32
 # and 64 against the mma tiling: twin at 2.67 and 2.91 pairs per SM 3.2-8.4% faster at T = 3-8, at 2.42
 # from 3.8% faster to 0.7% slower, at 3.15-4.12 7-28% slower; twin4 at T = 3-4 at 3.64 and 3.88 2.5-6.1%
 # faster, at 3.39 level to 1% slower, at 3.15 and 4.12 4-7% slower, at T >= 5 1.8-30% slower).
-TWIN_PAIRS_PER_SM = (2.5, 3.0)
+TWIN_PAIRS_PER_SM = (2.3, 3.0)
 TWIN4_PAIRS_PER_SM = (3.5, 4.0)
 TWIN4_MAX_TOKENS = 4
 TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4")
@@ -240,6 +243,12 @@ class KernelSpec:
         # The hint was measured (and fits without spills) at the prebuilt K = V = 128 only.
         prebuilt_dims = self.head_dim_k == self.head_dim_v == PREBUILT_HEAD_DIM
         return self.tiling["MIN_BLOCKS"] if prebuilt_dims else 0
+
+    @property
+    def max_blocks_per_sm(self) -> int:
+        """At most this many blocks per SM (0: as many as fit): the launch pads the dynamic shared memory
+        (driver.shared_bytes_for_at_most)."""
+        return self.tiling.get("MAX_BLOCKS", 0)
 
     @property
     def rows_per_block(self) -> int:

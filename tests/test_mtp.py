@@ -374,6 +374,22 @@ def test_twin_tilings_chosen_for_update_mode(tiling, T, HV, write_slots, dtype):
     assert spec.tiling_name == tiling and spec.two_tiles and plan.launch.function is driver.kernel(spec)
     assert plan.grid == B * HV * spec.blocks_per_head == B * HV * spec.tiles_per_head // 2
     assert plan.fixed_values()["stagger_blocks"] == 0
+    # twin: 3 blocks per SM whatever its registers (dynamic shared memory at launch where more would fit)
+    per_sm = driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0, plan.launch.shared_bytes)
+    assert per_sm == (3 if tiling == "twin" else 4)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_blocks_per_sm_capped_by_dynamic_shared_memory(blocks):
+    """driver.shared_bytes_for_at_most: the mma kernel (4 blocks per SM) launched with the padding it gives
+    has `blocks` blocks per SM (none at 4), and computes as without it."""
+    spec = KernelSpec(128, 128, 4, "bf16", "fp32", "mma")
+    function = driver.kernel(spec)
+    assert driver.blocks_per_sm(function, 128, 0) == 4
+    padding = driver.shared_bytes_for_at_most(function, 128, 0, blocks)
+    assert (padding == 0) == (blocks == 4)
+    assert driver.blocks_per_sm(function, 128, 0, padding) == blocks
+    assert driver.shared_bytes_for_at_most(function, 128, 0, blocks) == padding
 
 
 @pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])

@@ -115,9 +115,9 @@ def test_choice_of_tiling():
                        sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
     assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
     # Update mode on the mma kernel's grids: the twin tiling (two tiles per block, 3 blocks per SM) on more
-    # than 2.5 and at most 3 pairs per SM (331-396 on 132 SMs) at T = 3-8, the twin4 tiling (4 blocks per SM)
-    # on more than 3.5 and at most 4 (463-528) at T = 3-4 (v42); never with per-token states.
-    edges = (330, 331, 396, 397, 462, 463, 528, 529)
+    # than 2.3 and at most 3 pairs per SM (304-396 on 132 SMs) at T = 3-8, the twin4 tiling (4 blocks per SM)
+    # on more than 3.5 and at most 4 (463-528) at T = 3-4 (v42, v43); never with per-token states.
+    edges = (303, 304, 396, 397, 462, 463, 528, 529)
     for T in (3, 4):
         assert [pick(T, False, pairs) for pairs in edges] == (
             ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "mma"])
@@ -170,6 +170,7 @@ def test_name_round_trip_and_tiling(K, V, T, tiling):
     assert spec.rows_per_block * spec.tiles_per_head == V
     assert spec.tiles_per_block * spec.blocks_per_head == spec.tiles_per_head
     assert spec.tiles_per_block == (min(2, spec.tiles_per_head) if tiling in ("twin", "twin4") else 1)
+    assert spec.max_blocks_per_sm == (3 if tiling == "twin" else 0)
     assert spec.rows_per_block * spec.lanes_per_row <= spec.threads_per_block * spec.rows_per_thread
     assert K % (spec.lanes_per_row * 4) == 0
 
