@@ -13,8 +13,7 @@ the marks' times are that coarse; the phases are not). --save also writes each c
 of the array, blocks x warps x (globaltimer, clock64 per mark, then the SM id)). Only the mma and bulk
 tilings carry the marks (not the twin tilings, whose second tile's marks would overwrite the first's);
 other points are skipped. The marks are stores and move the kernel's timing a little: compare phases,
-not totals with bench_mtp. NOTES v40 and v41 have what it showed (since v43 the phase from "barrier" to
-"half 1 landed" includes the Gram products and the coefficient rows, made before the state's wait).
+not totals with bench_mtp. NOTES v40 and v41 have what it showed.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ _MARK_AFTER = (
     ("    __syncthreads();  // nothing below waits for another warp\n", 3),
     ("    cp_async_wait_group<1>();  // the first half\n", 4),
     ("    cp_async_wait_group<0>();\n", 5),
-    ("    __syncwarp();  // the warp's staging rows become its d and u rows\n", 6),
+    ("    __syncwarp();  // the warp's staging rows become its d, u and coefficient rows\n", 6),
     ("out_row[t * p.o_st] = to_input(o);\n        }\n    }\n    __syncwarp();\n", 7),
 )
 _MARK_BEFORE = (  # the mark goes right before the text

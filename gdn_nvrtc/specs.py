@@ -68,9 +68,11 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
 #             SM, level at 7.8, mixed on smaller grids, where the plain mma tiling stays).
 #   twin      the mma tiling's kernel with two tiles of a (b, hv) pair per block, one after the other,
-#             the second tile's state copies landing while the first computes; up to 168 registers, 3
-#             blocks per SM. Update mode at T = 3-8 on more than 2.5 and at most 3 pairs per SM, where
-#             its blocks are one wave and the mma tiling's are 1.25-1.5 (v42, H200: 3-8% faster).
+#             the second tile's state copies landing while the first computes, the Gram products and
+#             coefficient rows made once per block while the first tile's state is in flight (v43); up
+#             to 168 registers and at most 3 blocks per SM (MAX_BLOCKS). Update mode at T = 3-8 on more
+#             than 2.3 and at most 3 pairs per SM, where its blocks are one wave and the mma tiling's are
+#             1.15-1.5 (v42, v43, H200: 2-11% faster).
 #   twin4     the same at 128 registers, 4 blocks per SM: update mode at T = 3-4 on more than 3.5 and at
 #             most 4 pairs per SM (v42, H200: 2.5-6% faster; at T >= 5 it spills and lost).
 WIDE_TILINGS = (  # (largest T, tiling)
@@ -117,7 +119,9 @@ TWIN4_TILING = {**MMA_TILING, "TWO_TILES": 1}
 # (low, high]: (b, hv) pairs per SM where update calls take the twin tilings (v42, H200, 132 SMs, HV = 32
 # and 64 against the mma tiling: twin at 2.67 and 2.91 pairs per SM 3.2-8.4% faster at T = 3-8, at 2.42
 # from 3.8% faster to 0.7% slower, at 3.15-4.12 7-28% slower; twin4 at T = 3-4 at 3.64 and 3.88 2.5-6.1%
-# faster, at 3.39 level to 1% slower, at 3.15 and 4.12 4-7% slower, at T >= 5 1.8-30% slower).
+# faster, at 3.39 level to 1% slower, at 3.15 and 4.12 4-7% slower, at T >= 5 1.8-30% slower). v43 (the
+# twin block's Gram products once, early): at 2.42 (HV = 32) 1.4-6.4% faster at T = 3-8, at 2.18 3.8% slower
+# at T = 3, 4% faster at T = 6, level at T = 8; 2.18-2.42 unmeasured.
 TWIN_PAIRS_PER_SM = (2.3, 3.0)
 TWIN4_PAIRS_PER_SM = (3.5, 4.0)
 TWIN4_MAX_TOKENS = 4
