@@ -71,10 +71,10 @@ _MARK_AFTER = (
     ("    cp_async_wait_group<1>();  // the first half\n", 4),
     ("    cp_async_wait_group<0>();\n", 5),
     ("    __syncwarp();  // the warp's staging rows become its d, u and coefficient rows\n", 6),
-    ("out_row[t * p.o_st] = to_input(o);\n        }\n    }\n    __syncwarp();\n", 7),
+    ("{% endif %}\n    }\n    __syncwarp();\n", 7),  # the outputs (in the twin tilings, u_s too) written
 )
 _MARK_BEFORE = (  # the mark goes right before the text
-    ("    if (p.flags & FLAG_WRITE_FINAL) {\n        const i64 slot =", 8),
+    ("    if (p.flags & FLAG_WRITE_FINAL) {\n{% if two_tiles %}", 8),
     ("\n}\n" + "{% else %}", 9),  # the kernel's closing brace
 )
 _MMA_BEGIN = "{% if mma %}\n// ---- mma tiling"

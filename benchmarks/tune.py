@@ -47,7 +47,8 @@ VARIANTS = {
     "by_t_nodelay": {"DELAY": False},  # without specs.start_delay
     "mma4": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4},  # every call on the mma tiling
     "mma4_bulk": {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4, "BULK_FINAL": 1},  # ... final state by bulk copies
-    "twin_never": {"specs.TWIN_PAIRS_PER_SM": (0, 0), "specs.TWIN4_PAIRS_PER_SM": (0, 0)},  # the mma tiling there
+    "twin_never": {"specs.TWIN_PAIRS_PER_SM": (0, 0), "specs.TWIN4_PAIRS_PER_SM": (0, 0),  # the mma tiling there
+                   "specs.TWIN4_LONG_PAIRS_PER_SM": (0, 0)},
     # every call of the mma kernel (not the bulk one) on the twin tiling: two tiles per block (v42), at 3
     # blocks per SM, or at 4 (twin4)
     "mma_twin": {"MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3},

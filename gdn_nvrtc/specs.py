@@ -73,8 +73,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             to 168 registers and at most 3 blocks per SM (MAX_BLOCKS). Update mode at T = 3-8 on more
 #             than 2.3 and at most 3 pairs per SM, where its blocks are one wave and the mma tiling's are
 #             1.15-1.5 (v42, v43, H200: 2-11% faster).
-#   twin4     the same at 128 registers, 4 blocks per SM: update mode at T = 3-4 on more than 3.5 and at
-#             most 4 pairs per SM (v42, H200: 2.5-6% faster; at T >= 5 it spills and lost).
+#   twin4     the same at 128 registers, 4 blocks per SM: update mode on at most 4 pairs per SM and more
+#             than 3.5 at T = 3-4 (v42, H200: 2.5-6% faster), more than 3.3 at T = 5-6 and 8 (v44, H200:
+#             2-9% faster; its T = 7 kernel spills under 128 registers).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -122,9 +123,15 @@ TWIN4_TILING = {**MMA_TILING, "TWO_TILES": 1}
 # faster, at 3.39 level to 1% slower, at 3.15 and 4.12 4-7% slower, at T >= 5 1.8-30% slower). v43 (the
 # twin block's Gram products once, early): at 2.42 (HV = 32) 1.4-6.4% faster at T = 3-8, at 2.18 3.8% slower
 # at T = 3, 4% faster at T = 6, level at T = 8; 2.18-2.42 unmeasured.
+# v44 (the twin kernels with fewer registers: twin4 spill-free at T = 5, 6 and 8, 24 B at T = 7), twin4 against
+# the mma tiling at T = 5-8 (HV = 32; HV = 64 at 3.39 and 3.88): 3.64 and 3.88 pairs per SM 5-9% faster, 3.39
+# 1.5-4% faster at T = 5, 6 and 8 and level at T = 7, 3.15 1.3% faster at T = 5 and 2% slower at T = 8, 4.12
+# 6-11% slower; the twin tiling 7-30% slower than the mma tiling at 3.15-4.12.
 TWIN_PAIRS_PER_SM = (2.3, 3.0)
-TWIN4_PAIRS_PER_SM = (3.5, 4.0)
-TWIN4_MAX_TOKENS = 4
+TWIN4_PAIRS_PER_SM = (3.5, 4.0)  # T = 3-4
+TWIN4_LONG_FROM_TOKENS = 5  # ... and from here on (3.3, 4] pairs per SM:
+TWIN4_LONG_PAIRS_PER_SM = (3.3, 4.0)
+TWIN4_TOKENS = (3, 4, 5, 6, 8)  # T = 7: its twin4 kernel spills (24 B) under 128 registers
 TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
@@ -301,8 +308,8 @@ def _twin_pays(T: int, pairs_per_sm: float) -> str | None:
     low, high = TWIN_PAIRS_PER_SM
     if low < pairs_per_sm <= high:
         return "twin"
-    low, high = TWIN4_PAIRS_PER_SM
-    if T <= TWIN4_MAX_TOKENS and low < pairs_per_sm <= high:
+    low, high = TWIN4_LONG_PAIRS_PER_SM if T >= TWIN4_LONG_FROM_TOKENS else TWIN4_PAIRS_PER_SM
+    if T in TWIN4_TOKENS and low < pairs_per_sm <= high:
         return "twin4"
     return None
 
@@ -413,7 +420,7 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("short")
     if MMA_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names += ["mma", "twin"]
-    if MMA_FROM_TOKENS <= num_tokens <= TWIN4_MAX_TOKENS:
+    if num_tokens in TWIN4_TOKENS:
         names.append("twin4")
     if BULK_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
         names.append("bulk")
