@@ -172,3 +172,23 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
         shared_bytes=_ptxas_number(log, r"(\d+) bytes smem") if "bytes smem" in log else 0,
         log=log,
     )
+
+
+# NVRTC's PTX for one source is not always the same: about one compile in ten of an mma-kernel spec differs
+# (an extra or merged shared-memory load; benchmarks/NOTES.md v44), and ptxas allocates registers for what
+# it is given, so a kernel at its register limit can spill in one compile and not in the next.
+PREBUILT_COMPILE_ATTEMPTS = 3
+
+
+def compile_without_spills(spec: KernelSpec, attempts: int = PREBUILT_COMPILE_ATTEMPTS) -> tuple[CompiledKernel, int]:
+    """Compile `spec` until a compile neither spills nor uses a stack frame, at most `attempts` times (how the
+    prebuilt cubins are made); (the compile, the number of compiles). The last compile when every one spilled:
+    the caller decides (build_cubins.py fails)."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    compiles = 0
+    while True:
+        compiled = compile_spec(spec)
+        compiles += 1
+        if not (compiled.spill_bytes or compiled.stack_bytes) or compiles == attempts:
+            return compiled, compiles

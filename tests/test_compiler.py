@@ -3,7 +3,7 @@ import json
 import pytest
 
 from gdn_nvrtc import compiler
-from gdn_nvrtc.cubins import MANIFEST_NAME, PREBUILT_DIR
+from gdn_nvrtc.cubins import MANIFEST_NAME, PREBUILT_DIR, prebuilt_manifest
 from gdn_nvrtc.specs import PREBUILT_SPECS, KernelSpec
 
 
@@ -15,10 +15,50 @@ def test_rendered_source_uses_no_headers():
 
 @pytest.mark.parametrize("spec", PREBUILT_SPECS, ids=lambda s: s.name)
 def test_every_prebuilt_spec_compiles_without_spills(spec):
-    compiled = compiler.compile_spec(spec)
+    """As build_cubins.py makes it: NVRTC's output varies between compiles of one source, so a spec gets up to
+    PREBUILT_COMPILE_ATTEMPTS compiles to come out without spills (one in a GPU-suite run spilled once, v44)."""
+    compiled, compiles = compiler.compile_without_spills(spec)
     assert compiled.cubin[:4] == b"\x7fELF"
-    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
+    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, f"{compiles} compiles, the last:\n{compiled.log}"
     assert compiled.registers <= 255
+
+
+@pytest.mark.skipif(not prebuilt_manifest()["kernels"], reason="prebuilt cubins not built")
+def test_prebuilt_manifest_records_no_spills():
+    """Every cubin build_cubins.py wrote (the ones a wheel ships) was compiled without spills or a stack frame."""
+    kernels = prebuilt_manifest()["kernels"]
+    assert sorted(kernels) == sorted(spec.name for spec in PREBUILT_SPECS)
+    assert [name for name, entry in kernels.items() if entry["spill_bytes"] or entry["stack_bytes"]] == []
+
+
+def _fake_compiles(monkeypatch, spills: list[int]) -> list[int]:
+    """compile_spec answering with these spill counts in turn; returns the list of compiles made."""
+    made = []
+
+    def fake(spec):
+        made.append(len(made))
+        spill = spills[len(made) - 1]
+        return compiler.CompiledKernel(spec, b"\x7fELF", 128, spill, 0, 1024, f"compile {len(made)}")
+
+    monkeypatch.setattr(compiler, "compile_spec", fake)
+    return made
+
+
+@pytest.mark.parametrize(("spills", "compiles", "spilled"), [
+    ([0, 8, 8], 1, 0), ([24, 0, 8], 2, 0), ([24, 16, 0], 3, 0), ([24, 16, 8], 3, 8),
+])
+def test_compile_without_spills_compiles_again_only_after_a_spill(monkeypatch, spills, compiles, spilled):
+    made = _fake_compiles(monkeypatch, spills)
+    compiled, count = compiler.compile_without_spills(PREBUILT_SPECS[0], attempts=3)
+    assert (count, len(made), compiled.spill_bytes) == (compiles, compiles, spilled)
+    assert compiled.log == f"compile {compiles}"
+
+
+def test_compile_without_spills_needs_one_attempt(monkeypatch):
+    made = _fake_compiles(monkeypatch, [0])
+    with pytest.raises(ValueError, match="at least 1"):
+        compiler.compile_without_spills(PREBUILT_SPECS[0], attempts=0)
+    assert made == []
 
 
 # Hopper (sm_90): 64K registers and 228 KB of shared memory per multiprocessor, of which the driver
