@@ -174,7 +174,7 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
     )
 
 
-# NVRTC's PTX for one source is not always the same: about one compile in ten of an mma-kernel spec differs
+# NVRTC's PTX for one source is not always the same: one compile in ten to twenty of an mma-kernel spec differs
 # (an extra or merged shared-memory load; benchmarks/NOTES.md v44), and ptxas allocates registers for what
 # it is given, so a kernel at its register limit can spill in one compile and not in the next.
 PREBUILT_COMPILE_ATTEMPTS = 3

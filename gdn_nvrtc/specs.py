@@ -75,7 +75,7 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             1.15-1.5 (v42, v43, H200: 2-11% faster).
 #   twin4     the same at 128 registers, 4 blocks per SM: update mode on at most 4 pairs per SM and more
 #             than 3.5 at T = 3-4 (v42, H200: 2.5-6% faster), more than 3.3 at T = 5-6 and 8 (v44, H200:
-#             2-9% faster; its T = 7 kernel spills under 128 registers).
+#             1.5-9% faster; its T = 7 kernel spills under 128 registers).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
