@@ -84,6 +84,9 @@ VARIANTS = {
     "mma_delay_2us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 2000},
     "mma_delay_3us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 3000},
     "mma_delay_4us": {"specs.STAGGER_ON_MMA": True, "specs.STAGGER_MIN_WAVES": 0, "specs.STAGGER_NS": 4000},
+    # "compiler.NAME": value sets a constant of gdn_nvrtc.compiler (the NVRTC options) for the variant
+    "ptxas_o1": {"compiler.NVRTC_OPTIONS": (*compiler.NVRTC_OPTIONS, "--ptxas-options=-O1")},  # every kernel
+    "twin4_no_t7": {"specs.TWIN4_TOKENS": (3, 4, 5, 6, 8)},  # the mma tiling at T = 7 there (before v45)
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
@@ -180,12 +183,13 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
     """Set variant `name` up (tiling, constants, launch options), compile into cache_dir (the variant's
     own), time every point; one line of results."""
     fixed = dict(VARIANTS[name] or {}) or None
-    for constant, value in shipped_constants.items():
-        setattr(specs, constant, value)
-    for key in [key for key in (fixed or {}) if key.startswith("specs.")]:
-        constant = key.removeprefix("specs.")
-        shipped_constants.setdefault(constant, getattr(specs, constant))
-        setattr(specs, constant, fixed.pop(key))
+    modules = {"specs": specs, "compiler": compiler}
+    for (module, constant), value in shipped_constants.items():
+        setattr(modules[module], constant, value)
+    for key in [key for key in (fixed or {}) if key.split(".")[0] in modules]:
+        module, constant = key.split(".", 1)
+        shipped_constants.setdefault((module, constant), getattr(modules[module], constant))
+        setattr(modules[module], constant, fixed.pop(key))
     driver.programmatic_launch = fixed.pop("PDL", True) if fixed else True
     cap_blocks(fixed.pop("CAP", 0) if fixed else 0)
     mtp.start_delays = fixed.pop("DELAY", True) if fixed else True

@@ -161,8 +161,9 @@ def compile_source(source: str, filename: str, options: tuple[str, ...] = ()) ->
 
 
 def compile_spec(spec: KernelSpec) -> CompiledKernel:
-    """Compile one spec; raises CompileError with NVRTC's log on failure."""
-    cubin, log = compile_source(render(spec), f"{spec.name}.cu")
+    """Compile one spec (NVRTC_OPTIONS and the spec's own compile_options); raises CompileError with NVRTC's
+    log on failure."""
+    cubin, log = compile_source(render(spec), f"{spec.name}.cu", spec.compile_options)
     return CompiledKernel(
         spec=spec,
         cubin=cubin,

@@ -74,8 +74,8 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             than 2.3 and at most 3 pairs per SM, where its blocks are one wave and the mma tiling's are
 #             1.15-1.5 (v42, v43, H200: 2-11% faster).
 #   twin4     the same at 128 registers, 4 blocks per SM: update mode on at most 4 pairs per SM and more
-#             than 3.5 at T = 3-4 (v42, H200: 2.5-6% faster), more than 3.3 at T = 5-6 and 8 (v44, H200:
-#             1.5-9% faster; its T = 7 kernel spills under 128 registers).
+#             than 3.5 at T = 3-4 (v42, H200: 2.5-6% faster), more than 3.3 at T = 5-8 (v44, v45, H200:
+#             1.5-9% faster; its T = 7 kernel is compiled with ptxas -O1, see PTXAS_O1_SPECS).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers
@@ -131,7 +131,12 @@ TWIN_PAIRS_PER_SM = (2.3, 3.0)
 TWIN4_PAIRS_PER_SM = (3.5, 4.0)  # T = 3-4
 TWIN4_LONG_FROM_TOKENS = 5  # ... and from here on (3.3, 4] pairs per SM:
 TWIN4_LONG_PAIRS_PER_SM = (3.3, 4.0)
-TWIN4_TOKENS = (3, 4, 5, 6, 8)  # T = 7: its twin4 kernel spills (24 B) under 128 registers
+TWIN4_TOKENS = (3, 4, 5, 6, 7, 8)
+# (tiling, T) compiled with ptxas -O1 instead of its default -O3: twin4 at T = 7 spills 24 B at -O3 (v44) and
+# takes 109 registers and no spill at -O1 (v45, H200: 2.5-7.5% faster than the mma tiling on 3.39-3.88 pairs
+# per SM, where the spilling -O3 kernel was level to 6% faster). Not elsewhere: every mma-family kernel
+# at -O1 was 0.5-4% slower than at -O3 (v45).
+PTXAS_O1_SPECS = (("twin4", 7),)
 TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
@@ -201,6 +206,11 @@ class KernelSpec:
             raise ValueError(f"not a kernel name: {name!r}")
         tiling = parts[7] if len(parts) == 8 else "wide"
         return cls(int(parts[2][1:]), int(parts[3][1:]), int(parts[4][1:]), parts[5], parts[6], tiling)
+
+    @property
+    def compile_options(self) -> tuple[str, ...]:
+        """NVRTC options for this kernel on top of compiler.NVRTC_OPTIONS."""
+        return ("--ptxas-options=-O1",) if (self.tiling_name, self.num_tokens) in PTXAS_O1_SPECS else ()
 
     @property
     def tiling(self) -> dict:

@@ -88,6 +88,24 @@ def test_fallback_shapes_compile_without_spills(spec):
     assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
 
 
+def test_spec_compile_options_reach_nvrtc(monkeypatch):
+    """Only twin4 at T = 7 is compiled with ptxas -O1 (specs.PTXAS_O1_SPECS); compile_spec hands a spec's own
+    options to NVRTC after NVRTC_OPTIONS."""
+    assert {(s.tiling_name, s.num_tokens) for s in PREBUILT_SPECS if s.compile_options} == {("twin4", 7)}
+    assert all(s.compile_options == ("--ptxas-options=-O1",) for s in PREBUILT_SPECS if s.compile_options)
+    seen = []
+
+    def fake(source, filename, options=()):
+        seen.append(options)
+        raise compiler.CompileError("stop here")
+
+    monkeypatch.setattr(compiler, "compile_source", fake)
+    for spec in (KernelSpec(128, 128, 7, "bf16", "fp32", "twin4"), KernelSpec(128, 128, 8, "bf16", "fp32", "twin4")):
+        with pytest.raises(compiler.CompileError, match="stop here"):
+            compiler.compile_spec(spec)
+    assert seen == [("--ptxas-options=-O1",), ()]
+
+
 def test_compile_error_carries_the_log(monkeypatch):
     monkeypatch.setattr(compiler, "render", lambda spec: "this is not CUDA;")
     with pytest.raises(compiler.CompileError, match="compiling .* failed.*\n.*error"):

@@ -336,7 +336,7 @@ def test_short_tiling_for_part_filled_update_grids(T, band, write_slots, dtype):
     ("twin", 3, 32, False, torch.bfloat16), ("twin", 5, 64, True, torch.float16), ("twin", 8, 32, True, torch.bfloat16),
     ("twin4", 3, 64, True, torch.float16), ("twin4", 4, 32, False, torch.bfloat16),
     ("twin4", 5, 32, True, torch.bfloat16), ("twin4", 6, 64, False, torch.float16),
-    ("twin4", 8, 32, False, torch.float16),
+    ("twin4", 7, 32, True, torch.bfloat16), ("twin4", 8, 32, False, torch.float16),
 ])
 def test_twin_tilings_chosen_for_update_mode(tiling, T, HV, write_slots, dtype):
     """The dispatcher's twin tilings (update mode, two tiles per block) at the largest batch that picks them on

@@ -116,16 +116,15 @@ def test_choice_of_tiling():
     assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
     # Update mode on the mma kernel's grids: the twin tiling (two tiles per block, 3 blocks per SM) on more
     # than 2.3 and at most 3 pairs per SM (304-396 on 132 SMs) at T = 3-8, the twin4 tiling (4 blocks per SM)
-    # on at most 4 (528) and more than 3.5 (463) at T = 3-4, more than 3.3 (436) at T = 5, 6 and 8, never at
-    # T = 7 (v42-v44); never with per-token states.
+    # on at most 4 (528) and more than 3.5 (463) at T = 3-4, more than 3.3 (436) at T = 5-8 (v42-v45); never
+    # with per-token states.
     edges = (303, 304, 396, 397, 435, 436, 462, 463, 528, 529)
     for T in (3, 4):
         assert [pick(T, False, pairs) for pairs in edges] == (
             ["mma", "twin", "twin", "mma", "mma", "mma", "mma", "twin4", "twin4", "mma"])
-    for T in (5, 6, 8):
+    for T in (5, 6, 7, 8):
         assert [pick(T, False, pairs) for pairs in edges] == (
             ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "twin4", "twin4", "mma"])
-    assert [pick(7, False, pairs) for pairs in edges] == ["mma", "twin", "twin"] + ["mma"] * 7
     assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (331, 463)] == ["mma", "narrow"] * 2 + ["mma", "store"]
     assert choose_spec(128, 128, 4, "bf16", "fp32", writes_states=False, batch_heads=528,
                        sm_count=2 * SMS).tiling_name == "mma"  # 2 pairs per SM
