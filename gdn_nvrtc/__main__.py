@@ -33,6 +33,7 @@ def info() -> None:
             print(
                 f"  {name:34s} {entry['registers']:3d} registers, {entry['spill_bytes']} B spilled, "
                 f"{entry['shared_bytes']} B shared memory"
+                + "".join(f", {option}" for option in entry.get("extra_options", ()))
             )
     print(f"compile cache for other shapes: {cache_dir()}")
     if torch.cuda.is_available():

@@ -95,6 +95,7 @@ class CompiledKernel:
             "spill_bytes": self.spill_bytes,
             "stack_bytes": self.stack_bytes,
             "shared_bytes": self.shared_bytes,
+            "extra_options": list(self.spec.compile_options),  # after the manifest's nvrtc_options
         }
 
 

@@ -163,4 +163,5 @@ def test_prebuilt_manifest_is_complete_and_current():
     for spec in PREBUILT_SPECS:
         entry = manifest["kernels"][spec.name]
         assert entry["spill_bytes"] == 0 and entry["stack_bytes"] == 0
+        assert entry["extra_options"] == list(spec.compile_options)
         assert (PREBUILT_DIR / entry["file"]).read_bytes()[:4] == b"\x7fELF"

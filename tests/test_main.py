@@ -15,6 +15,9 @@ def test_info_lists_the_prebuilt_cubins(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "gdn_nvrtc" in out and "compile cache" in out
+    if "prebuilt sm_90a cubins" in out:  # built: the twin4 T = 7 kernel's own option is listed with it
+        (line,) = [line for line in out.splitlines() if "_t7_bf16_fp32_twin4 " in line]
+        assert line.endswith(", --ptxas-options=-O1")
 
 
 @pytest.mark.skipif(hopper_available(), reason="checks the no-GPU message")
