@@ -59,6 +59,7 @@ def render(spec: KernelSpec) -> str:
         min_blocks=spec.min_blocks_per_sm,
         mma=spec.uses_mma,
         short_chain=spec.short_chain,
+        streaming_state_stores=spec.streaming_state_stores,
         bulk_final=spec.bulk_final,
         two_tiles=spec.two_tiles,
         param_fields=PARAM_FIELDS,

@@ -231,6 +231,12 @@ class KernelSpec:
         return bool(self.tiling.get("SHORT_CHAIN"))
 
     @property
+    def streaming_state_stores(self) -> bool:
+        """The per-token states (buffer and scatter mode) stored with the streaming cache hint (st.global.cs) in
+        the scalar kernel (tiling key STORE_CS; no prebuilt tiling sets it: a tuning variant, NOTES v45)."""
+        return not self.uses_mma and bool(self.tiling.get("STORE_CS"))
+
+    @property
     def bulk_final(self) -> bool:
         """The final state stored through shared memory and bulk copies (cp.async.bulk), not st.global
         (the bulk tiling: the mma tiling's kernel otherwise)."""

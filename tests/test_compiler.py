@@ -135,6 +135,27 @@ def test_spec_compile_options_reach_nvrtc(monkeypatch):
     assert seen == [("--ptxas-options=-O1",), ()]
 
 
+@pytest.mark.parametrize(("T", "tiling"), [(2, "narrow"), (4, "store"), (8, "wide"), (8, "mma")])
+def test_streaming_state_stores_variant(monkeypatch, T, tiling):
+    """The tuning variant STORE_CS (no prebuilt tiling sets it): the scalar kernel stores the per-token states
+    (buffer and scatter) with __stcs, the final state as before; the mma kernel has no such stores."""
+    from gdn_nvrtc import specs
+
+    plain = compiler.render(KernelSpec(128, 128, T, "bf16", "fp32", tiling))
+    shipped_tiling_for = specs.tiling_for
+    monkeypatch.setattr(specs, "tiling_for", lambda t, name="wide": {**shipped_tiling_for(t, name), "STORE_CS": 1})
+    spec = KernelSpec(128, 128, T, "bf16", "fp32", tiling)
+    source = compiler.render(spec)
+    assert "__stcs" not in plain
+    if spec.uses_mma:
+        assert not spec.streaming_state_stores and source == plain
+        return
+    assert spec.streaming_state_stores
+    assert source.count("store_rows<true>(") == 2 and source.count("store_rows<false>(") == 1
+    compiled = compiler.compile_spec(spec)
+    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
+
+
 def test_compile_error_carries_the_log(monkeypatch):
     monkeypatch.setattr(compiler, "render", lambda spec: "this is not CUDA;")
     with pytest.raises(compiler.CompileError, match="compiling .* failed.*\n.*error"):
