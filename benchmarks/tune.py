@@ -129,47 +129,19 @@ _shipped_launch = driver.launch
 
 
 def cap_blocks(cap: int) -> None:
-    """Launch every kernel with the least dynamic shared memory (unused) that leaves at most `cap`
-    blocks of it per SM (0: none, as shipped). Patches driver's launch paths."""
+    """Launch every kernel with the unused dynamic shared memory that leaves at most `cap` blocks of it per
+    SM (driver.shared_bytes_for_at_most, as the twin tiling's MAX_BLOCKS does; 0: as shipped). Patches
+    driver's launch paths."""
     driver._configs.clear()
     if not cap:
         driver._launch_config, driver.launch = _shipped_launch_config, _shipped_launch
         return
-    padding: dict[tuple[int, int], int] = {}
-
-    def pad_for(function, block: int, device_index: int) -> int:
-        key = (int(function), block)
-        if key not in padding:
-            cu = driver.cu
-            kernel, device = cu.CUkernel(int(function)), cu.CUdevice(device_index)  # a library kernel
-            result, static = cu.cuKernelGetAttribute(
-                cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel, device)
-            driver.check(result, "cuKernelGetAttribute")
-            (result,) = cu.cuKernelSetAttribute(cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                227 * 1024 - static, kernel, device)
-            driver.check(result, "cuKernelSetAttribute")
-            pushed = driver._make_current(device_index)
-            try:
-                extra = 0
-                while True:
-                    result, count = cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, block, extra)
-                    driver.check(result, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-                    if count <= cap:
-                        break
-                    extra += 256
-            finally:
-                if pushed:
-                    driver._pop_current()
-            padding[key] = extra
-            print(f"  cap {cap}: {extra} B of dynamic shared memory for a {block}-thread block "
-                  f"({static} B static)", file=sys.stderr)
-        return padding[key]
-
     current = {}
 
     def launch_config(grid: int, block: int, stream: int, shared_bytes: int = 0):
         config = _shipped_launch_config(grid, block, stream, shared_bytes)
-        config.sharedMemBytes = max(shared_bytes, pad_for(current["function"], block, current["device"]))
+        padding = driver.shared_bytes_for_at_most(current["function"], block, current["device"], cap)
+        config.sharedMemBytes = max(shared_bytes, padding)
         return config
 
     def launch(function, grid, block, stream, device_index, params, shared_bytes=0) -> None:
