@@ -155,10 +155,23 @@ FIXED_TILINGS = {
 }
 
 
+# STORE_CS, by tiling: from this T on, the per-token states (buffer and scatter mode) are stored with the
+# streaming cache hint, st.global.cs (v46, H200, against plain stores): the store tiling 0.5-1.2% faster at
+# T = 4-8 (1024-4096 pairs), level to 0.3% faster at T = 3; the narrow tiling 0.3-0.9% faster at T = 3-4
+# (512-1024 pairs), 0.2-0.8% slower at T = 2; the mma tiling 2.7-3.6% faster at T = 7-8 on one pair per
+# SM, level to 0.7% faster at T = 6-8 on 2-3, level at T = 4 and 0.5-0.7% slower at T = 3 on 2, and its
+# update calls level (T = 6-8: within 0.3% either way; at T = 5, 0.5% slower).
+STREAMING_STATES_FROM_TOKENS = {"store": STORE_FROM_TOKENS, "narrow": 3, "mma": 6}
+
+
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
     if name in FIXED_TILINGS:
-        return dict(FIXED_TILINGS[name])
-    return dict(next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest))
+        tiling = dict(FIXED_TILINGS[name])
+    else:
+        tiling = dict(next(tiling for largest, tiling in WIDE_TILINGS if num_tokens <= largest))
+    if num_tokens >= STREAMING_STATES_FROM_TOKENS.get(name, MAX_TOKENS + 1):
+        tiling["STORE_CS"] = 1
+    return tiling
 
 
 @dataclass(frozen=True)
@@ -232,9 +245,9 @@ class KernelSpec:
 
     @property
     def streaming_state_stores(self) -> bool:
-        """The per-token states (buffer and scatter mode) stored with the streaming cache hint (st.global.cs) in
-        the scalar kernel (tiling key STORE_CS; no prebuilt tiling sets it: a tuning variant, NOTES v45)."""
-        return not self.uses_mma and bool(self.tiling.get("STORE_CS"))
+        """The per-token states (buffer and scatter mode) stored with the streaming cache hint (st.global.cs):
+        tiling key STORE_CS, set by STREAMING_STATES_FROM_TOKENS."""
+        return bool(self.tiling.get("STORE_CS"))
 
     @property
     def bulk_final(self) -> bool:

@@ -135,25 +135,43 @@ def test_spec_compile_options_reach_nvrtc(monkeypatch):
     assert seen == [("--ptxas-options=-O1",), ()]
 
 
-@pytest.mark.parametrize(("T", "tiling"), [(2, "narrow"), (4, "store"), (8, "wide"), (8, "mma")])
-def test_streaming_state_stores_variant(monkeypatch, T, tiling):
-    """The tuning variant STORE_CS (no prebuilt tiling sets it): the scalar kernel stores the per-token states
-    (buffer and scatter) with __stcs, the final state as before; the mma kernel has no such stores."""
-    from gdn_nvrtc import specs
-
-    plain = compiler.render(KernelSpec(128, 128, T, "bf16", "fp32", tiling))
-    shipped_tiling_for = specs.tiling_for
-    monkeypatch.setattr(specs, "tiling_for", lambda t, name="wide": {**shipped_tiling_for(t, name), "STORE_CS": 1})
+@pytest.mark.parametrize(("T", "tiling", "streaming"), [
+    (2, "narrow", False), (3, "narrow", True), (3, "store", True), (8, "store", True), (8, "wide", False),
+    (5, "mma", False), (6, "mma", True), (8, "mma", True), (8, "bulk", False), (8, "twin4", False),
+])
+def test_streaming_state_stores(T, tiling, streaming):
+    """STORE_CS (specs.STREAMING_STATES_FROM_TOKENS): the per-token states (buffer and scatter) go out with __stcs,
+    the final state and the mma kernel's staged rows as before; elsewhere no kernel has the hint."""
     spec = KernelSpec(128, 128, T, "bf16", "fp32", tiling)
     source = compiler.render(spec)
-    assert "__stcs" not in plain
-    if spec.uses_mma:
-        assert not spec.streaming_state_stores and source == plain
-        return
-    assert spec.streaming_state_stores
-    assert source.count("store_rows<true>(") == 2 and source.count("store_rows<false>(") == 1
-    compiled = compiler.compile_spec(spec)
-    assert compiled.spill_bytes == 0 and compiled.stack_bytes == 0, compiled.log
+    assert spec.streaming_state_stores == streaming
+    if not streaming:
+        assert "__stcs" not in source and "store_state_streaming" not in source
+        assert "store_rows<" not in source
+    elif spec.uses_mma:
+        assert source.count("store_state_streaming(") == 3  # the definition and the two per-token stores
+        assert source.count("store_state(") == 2  # the definition and the final state, plain
+    else:
+        assert source.count("store_rows<true>(") == 2 and source.count("store_rows<false>(") == 1
+
+
+def test_streaming_stores_without_the_key_render_as_before(monkeypatch):
+    """Without STORE_CS a tiling renders the source it had before the key existed: the plain stores only."""
+    from gdn_nvrtc import specs
+
+    shipped_tiling_for = specs.tiling_for
+
+    def without(num_tokens, name="wide"):
+        tiling = shipped_tiling_for(num_tokens, name)
+        tiling.pop("STORE_CS", None)
+        return tiling
+
+    monkeypatch.setattr(specs, "tiling_for", without)
+    for T, tiling in ((3, "narrow"), (8, "store"), (6, "mma")):
+        spec = KernelSpec(128, 128, T, "bf16", "fp32", tiling)
+        assert not spec.streaming_state_stores
+        source = compiler.render(spec)
+        assert "__stcs" not in source and "store_state_streaming" not in source and "store_rows<" not in source
 
 
 def test_compile_error_carries_the_log(monkeypatch):

@@ -266,6 +266,29 @@ def test_few_head_tilings_chosen_by_the_dispatcher(tiling, T, mode):
     assert early or tiling != "spread"
 
 
+@pytest.mark.parametrize(("T", "pairs_per_sm", "tiling"), [(6, 2, "mma"), (7, 1, "mma"), (4, 4, "narrow")])
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_streaming_state_stores_where_chosen(T, pairs_per_sm, tiling, mode, dtype):
+    """The dispatcher's kernels whose per-token states go out with the streaming hint (STORE_CS: the mma tiling
+    from T = 6, the narrow one from T = 3), with a padding row and, in scatter mode, skipped slots."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV = 16, 32
+    B = -(-pairs_per_sm * sm_count // HV)
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    spec = mtp.choose_spec(128, 128, T, name, "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count)
+    if spec.tiling_name != tiling:
+        pytest.skip(f"B = {B} takes the {spec.tiling_name} tiling on {sm_count} SMs")
+    assert spec.streaming_state_stores
+    generator = torch.Generator().manual_seed(100 * T + B + len(mode) + (dtype == torch.float16))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=B * (T + 1) + 3, generator=generator)
+    inputs["initial_state_indices"][B // 2] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec)
+
+
 @pytest.mark.parametrize(("mode", "HV", "B", "index_dtype", "dtype"), [
     ("buffer", 64, 7, torch.int32, torch.float16), ("scatter", 64, 7, torch.int32, torch.float16),
     ("buffer", 32, 29, torch.int64, torch.bfloat16), ("scatter", 8, 130, torch.int64, torch.bfloat16),
