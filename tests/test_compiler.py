@@ -146,11 +146,12 @@ def test_streaming_state_stores(T, tiling, streaming):
     source = compiler.render(spec)
     assert spec.streaming_state_stores == streaming
     if not streaming:
-        assert "__stcs" not in source and "store_state_streaming" not in source
+        assert "__stcs" not in source and "store_state<" not in source
         assert "store_rows<" not in source
     elif spec.uses_mma:
-        assert source.count("store_state_streaming(") == 3  # the definition and the two per-token stores
+        assert source.count("store_state<true>(") == 2  # the two per-token stores
         assert source.count("store_state(") == 2  # the definition and the final state, plain
+        assert source.count("__stcs") == 2 and "template <bool STREAM = false>" in source
     else:
         assert source.count("store_rows<true>(") == 2 and source.count("store_rows<false>(") == 1
 
@@ -171,7 +172,7 @@ def test_streaming_stores_without_the_key_render_as_before(monkeypatch):
         spec = KernelSpec(128, 128, T, "bf16", "fp32", tiling)
         assert not spec.streaming_state_stores
         source = compiler.render(spec)
-        assert "__stcs" not in source and "store_state_streaming" not in source and "store_rows<" not in source
+        assert "__stcs" not in source and "store_state<" not in source and "store_rows<" not in source
 
 
 def test_compile_error_carries_the_log(monkeypatch):
