@@ -89,6 +89,10 @@ VARIANTS = {
     "twin4_no_t7": {"specs.TWIN4_TOKENS": (3, 4, 5, 6, 8)},  # the mma tiling at T = 7 there (before v45)
     "cs_states": {"STORE_CS": 1},  # every tiling stores the per-token states with the streaming hint (st.global.cs)
     "no_cs": {"STORE_CS": 0},  # ... without it anywhere (every tiling before v46)
+    "mma_states_never": {"specs.MMA_STATES_BANDS": {}},  # per-token states never on the mma tiling
+    # ... on it where v46 took it: more than 1 and at most 3 pairs per SM, at T = 7-8 from 3/4
+    "mma_states_v46": {"specs.MMA_STATES_BANDS": {**{T: ((1, 3),) for T in (3, 4, 5, 6)}, 7: ((0.75, 3),),
+                                                  8: ((0.75, 3),)}},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),

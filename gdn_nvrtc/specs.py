@@ -55,10 +55,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   mma       the token loop in chunk form with the state products on the tensor cores (fewer
 #             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
 #             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
-#             from 1/4 to 8 pairs per SM; buffer and scatter at T = 3-8 on grids of more than 1 and at
-#             most 3 pairs per SM, at T = 7-8 from 3/4 pair per SM (v31, v32, H200: up to 43% faster
-#             on the small grids, see _mma_pays); in update mode the bulk and twin tilings below take
-#             some of these grids.
+#             from 1/4 to 8 pairs per SM (v31, v32, H200: up to 43% faster on the small grids, see
+#             _mma_pays); buffer and scatter at T = 3-8 on the grids where each SM gets 2 or 4 of its
+#             blocks (1.75-2 pairs per SM; at T = 7-8 also 0.93-1; at T = 3-4 also 1.15-1.4, v47, see
+#             MMA_STATES_BANDS); in update mode the bulk and twin tilings below take some of these grids.
 #   short     the narrow tiling with the short chain (as the slim and spread tilings), in update mode at
 #             T <= 2 on grids the wide tiling fills only in part: up to 0.5, more than 1.12 and at most
 #             1.8, or more than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there, up
@@ -96,10 +96,23 @@ MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T =
 MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
 MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost, 64 to 1024 gained, 2048 lost
-MMA_STATES_FROM_TOKENS = 3  # buffer and scatter (v31: T = 3 at 256 pairs gained 1.6-2.7%)
-MMA_STATES_PAIRS_PER_SM = (1, 3)  # above the first, at most the second: 64 pairs lost, 256 gained, 512 mixed
-MMA_STATES_LONG_FROM_TOKENS = 7  # ... and from here also above MMA_STATES_LONG_MIN_PAIRS_PER_SM:
-MMA_STATES_LONG_MIN_PAIRS_PER_SM = 0.75  # T = 8 at 128 pairs gained 0.4-3%, 64 pairs lost; T = 4 at 128 lost 7-8%
+# Buffer and scatter calls (per-token states): the (low, high] bands of (b, hv) pairs per SM, by T, where the
+# mma tiling beats the store / narrow / slim tilings (v47, H200, a sweep of 0.79-2.91 pairs per SM at T = 3-8,
+# H=4 HV=8 and H=16 HV=32 alike at equal pairs). Its two 64-row blocks per pair at 4 per SM win where every SM
+# gets 2 or 4 of them: 1.82-1.94 pairs per SM 0.5-6.9% faster at every T, 0.97 5-7% at T = 7-8 (level at
+# T = 3-6, where the bands leave it); they lose where some SMs get 3 (1.03-1.7 at T = 5-8: up to 27% slower;
+# 1.03-1.09 and 1.45-1.7 at T = 3-4) and beyond one wave (2.18-2.91: 0.2-12% slower). T = 3-4 also gain on
+# 1.21-1.33 (3-9%). Before v47: (1, 3] at every T and (0.75, 3] from T = 7 (v31-v32 measured 64, 128, 256
+# and 512 pairs only).
+MMA_STATES_FROM_TOKENS = 3
+MMA_STATES_BANDS = {
+    3: ((1.15, 1.4), (1.75, 2.0)),
+    4: ((1.15, 1.4), (1.75, 2.0)),
+    5: ((1.75, 2.0),),
+    6: ((1.75, 2.0),),
+    7: ((0.93, 1.0), (1.75, 2.0)),
+    8: ((0.93, 1.0), (1.75, 2.0)),
+}
 SHORT_TILING = {**NARROW_TILING, "SHORT_CHAIN": 1}
 SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); at T = 3-4 the mma tiling takes most of these grids
 # (low, high]: (b, hv) pairs per SM where update calls take the short tiling. The wide tiling's 64-thread
@@ -313,17 +326,15 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
     """Whether the mma tiling is the faster choice (measured at K = V = 128 on an H200, v31: tune.py,
     every mode against the shipped choice of v30). Its 64-row blocks hold 4 per SM; at T >= 5 its
     chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 it beats them up to
-    about two waves, and with per-token states only near two blocks per SM (the store and narrow
-    tilings' extra blocks per SM win on larger grids, the narrow tiling's 16-row blocks on smaller;
-    at T >= 7 down to one block per SM)."""
+    about two waves, and with per-token states only where each SM gets 2 or 4 of its blocks (and at
+    T = 3-4 on 1.15-1.4 pairs per SM; v47: MMA_STATES_BANDS); elsewhere the store and narrow tilings'
+    smaller blocks share the grid out more evenly."""
     if not (K == V == PREBUILT_HEAD_DIM and MMA_FROM_TOKENS <= T <= MMA_MAX_TOKENS):
         return False
     pairs_per_sm = batch_heads / sm_count
     if writes_states:
-        low, high = MMA_STATES_PAIRS_PER_SM
-        if T >= MMA_STATES_LONG_FROM_TOKENS:
-            low = MMA_STATES_LONG_MIN_PAIRS_PER_SM
-        return T >= MMA_STATES_FROM_TOKENS and low < pairs_per_sm <= high
+        bands = MMA_STATES_BANDS.get(T, ()) if T >= MMA_STATES_FROM_TOKENS else ()
+        return any(low < pairs_per_sm <= high for low, high in bands)
     if T >= MMA_ALWAYS_FROM_TOKENS:
         return True
     if T >= MMA_MID_TOKENS:

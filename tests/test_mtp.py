@@ -196,12 +196,12 @@ def test_bulk_tiling_chosen_for_large_update_grids(T, dtype):
 @pytest.mark.parametrize(
     "T,mode,pairs_per_sm",
     [(T, mode, 2 if mode != "update" else 0.5) for T in (3, 4, 8) for mode in ("buffer", "scatter", "update")]
-    + [(8, "buffer", 1), (7, "scatter", 1)],
+    + [(8, "buffer", 1), (7, "scatter", 1), (4, "scatter", 1.3), (3, "buffer", 1.3)],
 )
 def test_mma_tiling_chosen_for_small_grids(T, mode, pairs_per_sm):
     """The dispatcher's mma tiling where it takes small grids (H = 4, HV = 8): update mode at T = 3-4
-    from a quarter of a (b, hv) pair per SM, per-token states at T = 3-8 on 1-3 pairs per SM and at
-    T = 7-8 from 3/4 of a pair per SM, with a padding row."""
+    from a quarter of a (b, hv) pair per SM, per-token states at T = 3-8 on 2 pairs per SM, at T = 7-8
+    on 1 and at T = 3-4 on 1.3 (the bands of specs.MMA_STATES_BANDS), with a padding row."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV = 4, 8
     B = int(pairs_per_sm * sms) // HV
@@ -274,7 +274,7 @@ def test_streaming_state_stores_where_chosen(T, pairs_per_sm, tiling, mode, dtyp
     from T = 6, the narrow one from T = 3), with a padding row and, in scatter mode, skipped slots."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV = 16, 32
-    B = -(-pairs_per_sm * sm_count // HV)
+    B = pairs_per_sm * sm_count // HV  # at most pairs_per_sm: the mma tiling's bands end there
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     spec = mtp.choose_spec(128, 128, T, name, "fp32", writes_states=True, batch_heads=B * HV, sm_count=sm_count)
     if spec.tiling_name != tiling:

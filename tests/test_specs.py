@@ -65,9 +65,9 @@ def test_choice_of_tiling():
     # at T <= 2 the short tiling takes such grids.
     assert [pick(T, writes, 32) for T in (2, 4) for writes in (False, True)] == ["short"] + ["narrow"] * 3
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
-    # (1056 on 132 SMs) and at T = 3-8 on more than 1 and at most 3 pairs per SM (133-396; at T = 7-8
-    # from more than 3/4, 100-396: the mma tiling); at T = 1 the wide tiling keeps them, at T = 2 the narrow
-    # tiling takes every grid.
+    # (1056 on 132 SMs: narrow) and in the mma tiling's bands (v47: more than 1.75 and at most 2 pairs per
+    # SM at every T, 232-264 on 132 SMs; at T = 3-4 also 1.15-1.4, 152-184; at T = 7-8 also 0.93-1,
+    # 123-132); at T = 1 the wide tiling keeps them, at T = 2 the narrow tiling takes every grid.
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "mma", "mma", "mma", "mma"]
     assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924, 32768)] == ["narrow"] * 9
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
@@ -88,10 +88,20 @@ def test_choice_of_tiling():
     assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=True, batch_heads=200,
                        sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert [pick(T, True, 16 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "narrow", "narrow", "store", "store"]
-    assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (132, 133, 396, 397)] == (
-        ["narrow", "mma", "mma", "narrow"] * 2 + ["mma", "mma", "mma", "store"])
+    edges = (122, 123, 132, 133, 151, 152, 184, 185, 231, 232, 264, 265, 396)
+    for T in (3, 4):
+        assert [pick(T, True, pairs) for pairs in edges] == (
+            ["narrow"] * 5 + ["mma"] * 2 + ["narrow"] * 2 + ["mma"] * 2 + ["narrow"] * 2)
+    for T in (5, 6):
+        assert [pick(T, True, pairs) for pairs in edges] == ["store"] * 9 + ["mma"] * 2 + ["store"] * 2
+    for T in (7, 8):
+        assert [pick(T, True, pairs) for pairs in edges] == (
+            ["store"] + ["mma"] * 2 + ["store"] * 6 + ["mma"] * 2 + ["store"] * 2)
     assert [pick(T, True, pairs) for T in (6, 7, 8) for pairs in (99, 100, 128)] == (
-        ["store", "store", "store"] + ["store", "mma", "mma"] * 2)
+        ["store", "store", "store"] + ["store", "store", "mma"] * 2)
+    # The bands are in pairs per SM: 256 pairs are 1.94 per SM on 132 SMs, 0.97 on 264 (T = 8 only).
+    assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=256, sm_count=n).tiling_name
+            for T in (5, 8) for n in (SMS, 2 * SMS)] == ["mma", "store", "mma", "mma"]
     assert [pick(T, True, 1057) for T in (3, 4, 5)] == ["store"] * 3
     assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
@@ -125,7 +135,7 @@ def test_choice_of_tiling():
     for T in (5, 6, 7, 8):
         assert [pick(T, False, pairs) for pairs in edges] == (
             ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "twin4", "twin4", "mma"])
-    assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (331, 463)] == ["mma", "narrow"] * 2 + ["mma", "store"]
+    assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (331, 463)] == ["narrow"] * 4 + ["store"] * 2
     assert choose_spec(128, 128, 4, "bf16", "fp32", writes_states=False, batch_heads=528,
                        sm_count=2 * SMS).tiling_name == "mma"  # 2 pairs per SM
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=False, batch_heads=352,
