@@ -90,7 +90,10 @@ VARIANTS = {
     "cs_states": {"STORE_CS": 1},  # every tiling stores the per-token states with the streaming hint (st.global.cs)
     "no_cs": {"STORE_CS": 0},  # ... without it anywhere (every tiling before v46)
     "mma_states_never": {"specs.MMA_STATES_BANDS": {}},  # per-token states never on the mma tiling
-    # ... on it where v46 took it: more than 1 and at most 3 pairs per SM, at T = 7-8 from 3/4
+    # update calls never on the mma tiling (nor its bulk and twin forms)
+    "mma_update_never": {"specs.MMA_ALWAYS_FROM_TOKENS": 99, "specs.MMA_MID_MIN_PAIRS_PER_SM": 1e9,
+                         "specs.MMA_FEW_PAIRS_PER_SM": (0, 0)},
+    # per-token states on the mma tiling where v46 took it: more than 1 and at most 3 pairs per SM, at T = 7-8 from 3/4
     "mma_states_v46": {"specs.MMA_STATES_BANDS": {**{T: ((1, 3),) for T in (3, 4, 5, 6)}, 7: ((0.75, 3),),
                                                   8: ((0.75, 3),)}},
     "base": variant(),

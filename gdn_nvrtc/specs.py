@@ -96,14 +96,13 @@ MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T =
 MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
 MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost, 64 to 1024 gained, 2048 lost
-# Buffer and scatter calls (per-token states): the (low, high] bands of (b, hv) pairs per SM, by T, where the
-# mma tiling beats the store / narrow / slim tilings (v47, H200, a sweep of 0.79-2.91 pairs per SM at T = 3-8,
-# H=4 HV=8 and H=16 HV=32 alike at equal pairs). Its two 64-row blocks per pair at 4 per SM win where every SM
-# gets 2 or 4 of them: 1.82-1.94 pairs per SM 0.5-6.9% faster at every T, 0.97 5-7% at T = 7-8 (level at
-# T = 3-6, where the bands leave it); they lose where some SMs get 3 (1.03-1.7 at T = 5-8: up to 27% slower;
-# 1.03-1.09 and 1.45-1.7 at T = 3-4) and beyond one wave (2.18-2.91: 0.2-12% slower). T = 3-4 also gain on
-# 1.21-1.33 (3-9%). Before v47: (1, 3] at every T and (0.75, 3] from T = 7 (v31-v32 measured 64, 128, 256
-# and 512 pairs only).
+# Buffer and scatter calls (per-token states): the (low, high] bands of (b, hv) pairs per SM, by T, where the mma
+# tiling beats the store / narrow / slim tilings (v47, H200, a sweep of 0.79-2.91 pairs per SM at T = 3-8, H=4 HV=8
+# and H=16 HV=32 alike at equal pairs). Its two 64-row blocks per pair at 4 per SM win where every SM gets 2 or 4 of
+# them: 1.82-1.94 pairs per SM 0.5-6.9% faster at every T, 0.97 5-7% at T = 7-8 (at T = 4 there v32 measured a 7-8%
+# loss; T = 3, 5, 6 not measured); they lose where some SMs get 3 (1.03-1.7 at T = 5-8: up to 27% slower; 1.03-1.09
+# and 1.45-1.7 at T = 3-4) and beyond one wave (2.18-2.91: 0.2-12% slower). T = 3-4 also gain on 1.21-1.33 (3-9%).
+# Before v47: (1, 3] at every T and (0.75, 3] from T = 7 (v31-v32 measured 64, 128, 256 and 512 pairs only).
 MMA_STATES_FROM_TOKENS = 3
 MMA_STATES_BANDS = {
     3: ((1.15, 1.4), (1.75, 2.0)),
