@@ -103,8 +103,7 @@ MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost,
 # loss; T = 3, 5, 6 not measured); they lose where some SMs get 3 (1.03-1.7 at T = 5-8: up to 27% slower; 1.03-1.09
 # and 1.45-1.7 at T = 3-4) and beyond one wave (2.18-2.91: 0.2-12% slower). T = 3-4 also gain on 1.21-1.33 (3-9%).
 # Before v47: (1, 3] at every T and (0.75, 3] from T = 7 (v31-v32 measured 64, 128, 256 and 512 pairs only).
-MMA_STATES_FROM_TOKENS = 3
-MMA_STATES_BANDS = {
+MMA_STATES_BANDS = {  # T: bands (no entry: never)
     3: ((1.15, 1.4), (1.75, 2.0)),
     4: ((1.15, 1.4), (1.75, 2.0)),
     5: ((1.75, 2.0),),
@@ -332,8 +331,7 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
         return False
     pairs_per_sm = batch_heads / sm_count
     if writes_states:
-        bands = MMA_STATES_BANDS.get(T, ()) if T >= MMA_STATES_FROM_TOKENS else ()
-        return any(low < pairs_per_sm <= high for low, high in bands)
+        return any(low < pairs_per_sm <= high for low, high in MMA_STATES_BANDS.get(T, ()))
     if T >= MMA_ALWAYS_FROM_TOKENS:
         return True
     if T >= MMA_MID_TOKENS:
