@@ -94,8 +94,7 @@ VARIANTS = {
     "mma_update_never": {"specs.MMA_ALWAYS_FROM_TOKENS": 99, "specs.MMA_MID_MIN_PAIRS_PER_SM": 1e9,
                          "specs.MMA_FEW_PAIRS_PER_SM": (0, 0)},
     # per-token states on the mma tiling where v46 took it: more than 1 and at most 3 pairs per SM, at T = 7-8 from 3/4
-    "mma_states_v46": {"specs.MMA_STATES_BANDS": {**{T: ((1, 3),) for T in (3, 4, 5, 6)}, 7: ((0.75, 3),),
-                                                  8: ((0.75, 3),)}},
+    "mma_states_v46": {"specs.MMA_STATES_BANDS": {T: ((1 if T < 7 else 0.75, 3),) for T in range(3, 9)}},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),
