@@ -92,9 +92,24 @@ VARIANTS = {
     "mma_states_never": {"specs.MMA_STATES_BANDS": {}},  # per-token states never on the mma tiling
     # update calls never on the mma tiling (nor its bulk and twin forms)
     "mma_update_never": {"specs.MMA_ALWAYS_FROM_TOKENS": 99, "specs.MMA_MID_MIN_PAIRS_PER_SM": 1e9,
-                         "specs.MMA_FEW_PAIRS_PER_SM": (0, 0)},
+                         "specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 1e9, 4: 1e9}},
     # per-token states on the mma tiling where v46 took it: more than 1 and at most 3 pairs per SM, at T = 7-8 from 3/4
     "mma_states_v46": {"specs.MMA_STATES_BANDS": {T: ((1 if T < 7 else 0.75, 3),) for T in range(3, 9)}},
+    # every mma-kernel call on 0-2 pairs per SM (per-token states too) on a twin form, so that a grid
+    # leaves room on every SM for the next call's blocks (programmatic launch); "mma_states_all": the
+    # per-token states on the plain mma tiling there, for reference
+    "mma_states_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)}},
+    "twin4_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)},
+                  "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 4},
+    "twin3_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)},
+                  "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3, "MAX_BLOCKS": 3},
+    # update calls at T = 3-4 as before v48: the mma tiling from 1/4 to 8 pairs per SM, the wide one above
+    "mma_few_v47": {"specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 0.25, 4: 0.25}, "specs.BULK_FROM_TOKENS": 5,
+                    "specs.MMA_FEW_MAX_PAIRS_PER_SM": 8},
+    "bulk_few_never": {"specs.BULK_FROM_TOKENS": 5},  # ... the plain mma tiling on every grid there
+    # per-token states at T = 3-4 never on the narrow tiling (the store one), or on it up to 16 pairs per SM
+    "narrow_states_never": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 0},
+    "narrow_states_16": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 16},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),

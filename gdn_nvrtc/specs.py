@@ -35,9 +35,9 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
 # picks one of ten tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
-#   wide      update mode at T <= 2 from one wave outside the short tiling's bands, and at T = 3-4
-#             above the mma tiling's grids (8 pairs per SM), where a 96-register cap (5 blocks per SM)
-#             pays; buffer and scatter at T = 1. The tiling of head dims other than 128.
+#   wide      update mode at T <= 2 from one wave outside the short tiling's bands; buffer and scatter
+#             at T = 1. The tiling of head dims other than 128 (at T = 3-4 with a 96-register cap, 5
+#             blocks per SM; at K = V = 128 it served update calls above 8 pairs per SM there until v48).
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma or short tilings': two (T <= 2) or four times the blocks, less
 #             token-loop work per thread; buffer and scatter at T = 2 on every grid.
@@ -54,19 +54,21 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             128 pairs, 2.5-5% at 256, 0-1.3% at 512-1024; at 4096 pairs it lost 0.8%).
 #   mma       the token loop in chunk form with the state products on the tensor cores (fewer
 #             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
-#             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 3-4
-#             from 1/4 to 8 pairs per SM (v31, v32, H200: up to 43% faster on the small grids, see
-#             _mma_pays); buffer and scatter at T = 3-8 on the grids where each SM gets 2 or 4 of its
-#             blocks (1.75-2 pairs per SM; at T = 7-8 also 0.93-1; at T = 3-4 also 1.15-1.4, v47, see
-#             MMA_STATES_BANDS); in update mode the bulk and twin tilings below take some of these grids.
+#             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 4
+#             from 1/4 and at T = 3 from 0.45 pairs per SM (v31, v32, v48, H200: up to 43% faster on the
+#             small grids, 3-12% on 2.4-12 pairs per SM, see _mma_pays); buffer and scatter at T = 3-8
+#             on the grids where each SM gets 2 or 4 of its blocks (1.75-2 pairs per SM; at T = 7-8 also
+#             0.93-1; at T = 3-4 also 1.15-1.4, v47, see MMA_STATES_BANDS); in update mode the bulk
+#             and twin tilings below take some of these grids.
 #   short     the narrow tiling with the short chain (as the slim and spread tilings), in update mode at
 #             T <= 2 on grids the wide tiling fills only in part: up to 0.5, more than 1.12 and at most
 #             1.8, or more than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there, up
 #             to 4% below 0.5; at 1 and 2 pairs per SM, the wide tiling's whole wave, 2.5-8% slower).
 #   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
-#             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 5 on
-#             grids of at least 12 (b, hv) pairs per SM (v35, H200: 0.4-1.8% faster from 15.5 pairs per
-#             SM, level at 7.8, mixed on smaller grids, where the plain mma tiling stays).
+#             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 3 on
+#             grids of at least 12 (b, hv) pairs per SM (v35, H200: at T >= 5 0.4-1.8% faster than the
+#             mma tiling from 15.5 pairs per SM, level at 7.8, mixed on smaller grids, where the plain
+#             mma tiling stays; v48: at T = 3-4 1-4% faster than the wide tiling from 15.5 to 248).
 #   twin      the mma tiling's kernel with two tiles of a (b, hv) pair per block, one after the other,
 #             the second tile's state copies landing while the first computes, the Gram products and
 #             coefficient rows made once per block while the first tile's state is in flight (v43); up
@@ -95,7 +97,13 @@ MMA_FROM_TOKENS = 3  # measured at T = 2-8 on an H200 (benchmarks/NOTES.md v31);
 MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T = 8 included)
 MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
-MMA_FEW_PAIRS_PER_SM = (0.25, 8)  # T = 3-4, update mode: 32 pairs tied or lost, 64 to 1024 gained, 2048 lost
+# T = 3-4, update mode: from this many (b, hv) pairs per SM, on every larger grid (v48, H200, against the
+# tilings taken without it: at T = 3 40-56 pairs 2-6% slower, 64 1.5% faster; at T = 4 40 pairs 7% faster;
+# 320-1056 pairs 3-12% faster at both; 1088-1600 (8.2-12.1 per SM) 3-5% faster, and from 12 per SM its bulk
+# form (BULK_MIN_PAIRS_PER_SM) 1-4% faster up to 32768 pairs (248 per SM). v31-v47 stopped at 8 per SM: v31
+# measured 2048 pairs slower with the plain mma tiling, before its state copy moved to whole lines (v40).
+MMA_FEW_MIN_PAIRS_PER_SM = {3: 0.45, 4: 0.25}
+MMA_FEW_MAX_PAIRS_PER_SM = float("inf")  # 8 before v48 (benchmarks/tune.py's variant mma_few_v47)
 # Buffer and scatter calls (per-token states): the (low, high] bands of (b, hv) pairs per SM, by T, where the mma
 # tiling beats the store / narrow / slim tilings (v47, H200, a sweep of 0.79-2.91 pairs per SM at T = 3-8, H=4 HV=8
 # and H=16 HV=32 alike at equal pairs). Its two 64-row blocks per pair at 4 per SM win where every SM gets 2 or 4 of
@@ -121,7 +129,7 @@ SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); at T = 3-4 the mma tiling tak
 # 8-64 pairs gained 1.4-4% at T = 2 and 0.3-1.5% at T = 1; 80 pairs lost 9% and 128 4-10%.
 SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
-BULK_FROM_TOKENS = 5  # T = 3-4 gained as well at 15.5 pairs per SM, but the mma tiling stops at 8 there
+BULK_FROM_TOKENS = 3  # T = 3-4 since v48 (1-4% faster from 15.5 pairs per SM), T >= 5 since v35
 BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
 # MAX_BLOCKS: at most this many blocks per SM, whatever registers the compiler takes (the launch adds
 # unused dynamic shared memory where more would fit; v43: the twin kernel at T = 4 compiles to 128
@@ -323,9 +331,10 @@ class KernelSpec:
 def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes_states: bool) -> bool:
     """Whether the mma tiling is the faster choice (measured at K = V = 128 on an H200, v31: tune.py,
     every mode against the shipped choice of v30). Its 64-row blocks hold 4 per SM; at T >= 5 its
-    chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 it beats them up to
-    about two waves, and with per-token states only where each SM gets 2 or 4 of its blocks (and at
-    T = 3-4 on 1.15-1.4 pairs per SM; v47: MMA_STATES_BANDS); elsewhere the store and narrow tilings'
+    chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 from 1/4 or 0.45 pairs
+    per SM (v48: on every larger grid, with its bulk form from 12), and with per-token states only
+    where each SM gets 2 or 4 of its blocks (and at T = 3-4 on 1.15-1.4 pairs per SM; v47:
+    MMA_STATES_BANDS); elsewhere the store and narrow tilings'
     smaller blocks share the grid out more evenly."""
     if not (K == V == PREBUILT_HEAD_DIM and MMA_FROM_TOKENS <= T <= MMA_MAX_TOKENS):
         return False
@@ -336,8 +345,7 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
         return True
     if T >= MMA_MID_TOKENS:
         return pairs_per_sm >= MMA_MID_MIN_PAIRS_PER_SM
-    low, high = MMA_FEW_PAIRS_PER_SM
-    return low <= pairs_per_sm <= high
+    return MMA_FEW_MIN_PAIRS_PER_SM[T] <= pairs_per_sm <= MMA_FEW_MAX_PAIRS_PER_SM
 
 
 def _twin_pays(T: int, pairs_per_sm: float) -> str | None:
@@ -448,9 +456,9 @@ def prefetch_state(spec: KernelSpec, grid: int, wave: int, *, writes_states: boo
 
 def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
     """Every tiling choose_spec can pick for T tokens at the prebuilt head dims."""
-    # From T = MMA_MID_TOKENS on the mma tiling, the small-grid tilings and the store tiling take
+    # From T = MMA_FROM_TOKENS on the mma family, the small-grid tilings and the store tiling take
     # every grid there (test_specs checks that each prebuilt spec is chosen somewhere).
-    names = ["wide", "narrow"] if num_tokens < MMA_MID_TOKENS else ["narrow"]
+    names = ["wide", "narrow"] if num_tokens < MMA_FROM_TOKENS else ["narrow"]
     if num_tokens >= STORE_FROM_TOKENS:
         names.append("store")
     if num_tokens <= SHORT_MAX_TOKENS:

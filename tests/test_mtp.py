@@ -163,10 +163,10 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     assert plan.launch.function is driver.kernel(spec) and plan.grid == B * HV * spec.tiles_per_head
 
 
-@pytest.mark.parametrize("T", [5, 8])
+@pytest.mark.parametrize("T", [3, 4, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bulk_tiling_chosen_for_large_update_grids(T, dtype):
-    """The dispatcher's bulk tiling (update mode at T >= 5 from 12 (b, hv) pairs per SM: the final state
+    """The dispatcher's bulk tiling (update mode at T >= 3 from 12 (b, hv) pairs per SM: the final state
     through bulk copies) with padding rows, write slots of which one is skipped and one out of range, an
     allocated output and a pool that is a strided slice of a larger cache (only its rows are written)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -108,19 +108,21 @@ def test_choice_of_tiling():
                        sm_count=SMS).tiling_name == "store"  # only measured at K = V = 128
     assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
     # Update mode: the mma tiling at T >= 7 on every grid, at T = 5-6 from 1/8 pair per SM (17 on 132
-    # SMs), at T = 3-4 from 1/4 (33) to 8 (1056) pairs per SM; the wide tiling above (96 registers at
-    # T = 3-4), the narrow or short-chain tilings below; never at T <= 2.
+    # SMs), at T = 4 from 1/4 (33) and at T = 3 from 0.45 (60) pairs per SM, on every larger grid (v48);
+    # the narrow or short-chain tilings below; never at T <= 2.
     assert [pick(T, False, 8) for T in (1, 2, 3, 4, 5, 6, 7, 8)] == (
         ["short"] * 2 + ["narrow"] * 2 + ["spread"] * 2 + ["mma"] * 2)
-    assert [pick(T, False, pairs) for T in (3, 4) for pairs in (32, 33, 1056, 1057)] == (
-        ["narrow", "mma", "mma", "wide"] * 2)
+    assert [pick(3, False, pairs) for pairs in (33, 59, 60, 1056, 1057, 1583)] == ["narrow"] * 2 + ["mma"] * 4
+    assert [pick(4, False, pairs) for pairs in (32, 33, 1056, 1057, 1583)] == ["narrow"] + ["mma"] * 4
+    # 60 pairs are 0.45 per SM on 132 SMs, 0.23 on 264.
+    assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=pairs, sm_count=n).tiling_name
+            for T, pairs in ((3, 60), (4, 33)) for n in (SMS, 2 * SMS)] == ["mma", "narrow"] * 2
     assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1583)] == ["spread", "mma", "mma"] * 2
     assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 1583)] == ["mma"] * 8
     # ... from 12 pairs per SM (1584 on 132 SMs) at T >= 5 the bulk tiling (the mma kernel with the final
-    # state through bulk copies); never with per-token states, never at T = 3-4 (mma up to 8 per SM only).
-    assert [pick(T, False, pairs) for T in (5, 6, 7, 8) for pairs in (1584, 8192)] == ["bulk"] * 8
+    # state through bulk copies) at T >= 3 (from T = 5 before v48); never with per-token states.
+    assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (1584, 8192, 65536)] == ["bulk"] * 18
     assert [pick(T, True, pairs) for T in (3, 5, 8) for pairs in (1584, 8192)] == ["store"] * 6
-    assert [pick(T, False, 1584) for T in (3, 4)] == ["wide"] * 2
     assert choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=1584,
                        sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
     assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
@@ -140,7 +142,7 @@ def test_choice_of_tiling():
                        sm_count=2 * SMS).tiling_name == "mma"  # 2 pairs per SM
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=False, batch_heads=352,
                        sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
-    assert tiling_for(4)["MIN_BLOCKS"] == 5 and pick(4, False, 1057) == "wide"
+    assert tiling_for(4)["MIN_BLOCKS"] == 5  # the wide tiling at T = 3-4 (head dims other than 128 since v48)
     assert pick(8, True, 32 * 32) == "store"
     # Fewer (b, hv) pairs than the narrow tiling needs to fill the SMs (16-row blocks) with per-token
     # states at T >= 5 (update mode: at T = 5-6 below 17 pairs): 4-row blocks; B = 1-2 at HV = 8 (64 or
