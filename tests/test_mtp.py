@@ -417,20 +417,20 @@ def test_blocks_per_sm_capped_by_dynamic_shared_memory(blocks):
     assert driver.shared_bytes_for_at_most(function, 128, 0, blocks) == padding
 
 
-@pytest.mark.parametrize(("B", "HV", "dtype"), [(40, 32, torch.bfloat16), (24, 64, torch.float16)])
-def test_start_delay_is_correct(B, HV, dtype):
+@pytest.mark.parametrize(("B", "T", "HV", "K", "dtype"),
+                         [(40, 4, 32, 64, torch.bfloat16), (12, 5, 64, 256, torch.float16)])
+def test_start_delay_is_correct(B, T, HV, K, dtype):
     """A grid of more than one wave in update mode, where part of the first wave starts late (the wide
-    tiling at T = 4, above the mma tiling's grids)."""
-    T = 4
+    tiling at T >= 4; since v48 it serves those grids at head dims other than 128 only)."""
     generator = torch.Generator().manual_seed(B)
-    inputs = make_inputs(B, T, 16, HV, dtype=dtype, pool_size=B + 5, generator=generator)
+    inputs = make_inputs(B, T, 16, HV, K, K, dtype=dtype, pool_size=B + 5, generator=generator)
     inputs["initial_state_indices"][7] = -1
     mtp.forget_plans()
     check_call(inputs, disable_state_update=False)
     (plan,) = [plan for plan in mtp._plans.values() if plan.grid >= B * HV]
     fixed = plan.fixed_values()
     assert fixed["stagger_blocks"] > 0 and fixed["stagger_ns"] > 0  # the delay was in effect
-    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32", writes_states=False,
+    spec = mtp.choose_spec(K, K, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32", writes_states=False,
                            batch_heads=B * HV, sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     assert spec.tiling_name == "wide"
 
