@@ -139,8 +139,8 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
 @pytest.mark.parametrize("T,B", [(4, 24), (5, 48), (7, 48), (8, 48)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
-    """The dispatcher's mma tiling (update mode, grids of several waves; at T = 4 up to 8 (b, hv) pairs
-    per SM) with padding rows, write slots of which one is skipped, an allocated output and a pool that
+    """The dispatcher's mma tiling (update mode, grids of several waves; from 12 (b, hv) pairs per SM its
+    bulk form) with padding rows, write slots of which one is skipped, an allocated output and a pool that
     is a strided slice: no start delay (specs.start_delay_applies)."""
     H, HV = 16, 32
     generator = torch.Generator().manual_seed(1000 * T + (dtype == torch.float16))
