@@ -107,6 +107,8 @@ VARIANTS = {
     "mma_few_v47": {"specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 0.25, 4: 0.25}, "specs.BULK_FROM_TOKENS": 5,
                     "specs.MMA_FEW_MAX_PAIRS_PER_SM": 8},
     "bulk_few_never": {"specs.BULK_FROM_TOKENS": 5},  # ... the plain mma tiling on every grid there
+    # update calls on the bulk form from fewer pairs per SM (shipped: BULK_MIN_PAIRS_PER_SM = 12)
+    "bulk_min_4": {"specs.BULK_MIN_PAIRS_PER_SM": 4}, "bulk_min_8": {"specs.BULK_MIN_PAIRS_PER_SM": 8},
     # per-token states at T = 3-4 never on the narrow tiling (the store one), or on it up to 16 pairs per SM
     "narrow_states_never": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 0},
     "narrow_states_16": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 16},
