@@ -99,7 +99,7 @@ MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
 # T = 3-4, update mode: from this many (b, hv) pairs per SM, on every larger grid (v48, H200, against the
 # tilings taken without it: at T = 3 40-56 pairs 2-6% slower, 64 1.5% faster; at T = 4 40 pairs 7% faster;
-# 320-1056 pairs 3-12% faster at both; 1088-1600 (8.2-12.1 per SM) 3-5% faster, and from 12 per SM its bulk
+# 320-1056 pairs 3-12% faster at both; 1088-1600 (8.2-12.1 per SM) 3-6% faster, and from 12 per SM its bulk
 # form (BULK_MIN_PAIRS_PER_SM) 1-4% faster up to 32768 pairs (248 per SM). v31-v47 stopped at 8 per SM: v31
 # measured 2048 pairs slower with the plain mma tiling, before its state copy moved to whole lines (v40).
 MMA_FEW_MIN_PAIRS_PER_SM = {3: 0.45, 4: 0.25}
