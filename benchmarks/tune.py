@@ -36,6 +36,11 @@ def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0, sho
             "MIN_BLOCKS": min_blocks, "SHORT_CHAIN": short_chain}
 
 
+# per-token states on the mma family on every grid of at most 2 pairs per SM (the twin-form variants below)
+_STATES_UP_TO_2 = {T: ((0, 2.0),) for T in range(3, 9)}
+# the modules whose constants a variant may set as "module.NAME"
+CONSTANT_MODULES = {"specs": specs, "compiler": compiler}
+
 VARIANTS = {
     "by_t": None,
     "by_t_mb0": {"MIN_BLOCKS": 0},  # overrides of the shipped choice by T: the occupancy hint
@@ -98,11 +103,10 @@ VARIANTS = {
     # every mma-kernel call on 0-2 pairs per SM (per-token states too) on a twin form, so that a grid
     # leaves room on every SM for the next call's blocks (programmatic launch); "mma_states_all": the
     # per-token states on the plain mma tiling there, for reference
-    "mma_states_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)}},
-    "twin4_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)},
-                  "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 4},
-    "twin3_all": {"specs.MMA_STATES_BANDS": {T: ((0, 2.0),) for T in range(3, 9)},
-                  "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3, "MAX_BLOCKS": 3},
+    "mma_states_all": {"specs.MMA_STATES_BANDS": _STATES_UP_TO_2},
+    "twin4_all": {"specs.MMA_STATES_BANDS": _STATES_UP_TO_2, "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 4},
+    "twin3_all": {"specs.MMA_STATES_BANDS": _STATES_UP_TO_2, "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3,
+                  "MAX_BLOCKS": 3},
     # update calls at T = 3-4 as before v48: the mma tiling from 1/4 to 8 pairs per SM, the wide one above
     "mma_few_v47": {"specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 0.25, 4: 0.25}, "specs.BULK_FROM_TOKENS": 5,
                     "specs.MMA_FEW_MAX_PAIRS_PER_SM": 8},
@@ -180,7 +184,7 @@ def time_variant(name, points, H, HV, bandwidth, generator, shipped_tiling, ship
     """Set variant `name` up (tiling, constants, launch options), compile into cache_dir (the variant's
     own), time every point; one line of results."""
     fixed = dict(VARIANTS[name] or {}) or None
-    modules = {"specs": specs, "compiler": compiler}
+    modules = CONSTANT_MODULES
     for (module, constant), value in shipped_constants.items():
         setattr(modules[module], constant, value)
     for key in [key for key in (fixed or {}) if key.split(".")[0] in modules]:
