@@ -38,6 +38,14 @@ def variant(threads=128, elems_per_lane=32, rows_per_thread=1, min_blocks=0, sho
 
 # per-token states on the mma family on every grid of at most 2 pairs per SM (the twin-form variants below)
 _STATES_UP_TO_2 = {T: ((0, 2.0),) for T in range(3, 9)}
+
+
+def _bulk_min(pairs_per_sm: float, tokens=None) -> dict:
+    """specs.BULK_MIN_PAIRS_PER_SM with `pairs_per_sm` at T = 3-8 and the shipped values at T <= 2, or
+    with `pairs_per_sm` at the given T only (no bulk form elsewhere)."""
+    if tokens is not None:
+        return dict.fromkeys(tokens, pairs_per_sm)
+    return {T: low if T < specs.MMA_FROM_TOKENS else pairs_per_sm for T, low in specs.BULK_MIN_PAIRS_PER_SM.items()}
 # the modules whose constants a variant may set as "module.NAME"
 CONSTANT_MODULES = {"specs": specs, "compiler": compiler}
 
@@ -108,11 +116,17 @@ VARIANTS = {
     "twin3_all": {"specs.MMA_STATES_BANDS": _STATES_UP_TO_2, "MMA_ONLY": True, "TWO_TILES": 1, "MIN_BLOCKS": 3,
                   "MAX_BLOCKS": 3},
     # update calls at T = 3-4 as before v48: the mma tiling from 1/4 to 8 pairs per SM, the wide one above
-    "mma_few_v47": {"specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 0.25, 4: 0.25}, "specs.BULK_FROM_TOKENS": 5,
-                    "specs.MMA_FEW_MAX_PAIRS_PER_SM": 8},
-    "bulk_few_never": {"specs.BULK_FROM_TOKENS": 5},  # ... the plain mma tiling on every grid there
-    # update calls on the bulk form from fewer pairs per SM (shipped: BULK_MIN_PAIRS_PER_SM = 12)
-    "bulk_min_4": {"specs.BULK_MIN_PAIRS_PER_SM": 4}, "bulk_min_8": {"specs.BULK_MIN_PAIRS_PER_SM": 8},
+    "mma_few_v47": {"specs.MMA_FEW_MIN_PAIRS_PER_SM": {3: 0.25, 4: 0.25}, "specs.MMA_FEW_MAX_PAIRS_PER_SM": 8,
+                    "specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(12, range(5, 9))},
+    # update calls at T <= 4 never on the bulk form (the plain mma tiling at T = 3-4, the wide one at T <= 2)
+    "bulk_few_never": {"specs.BULK_MIN_PAIRS_PER_SM": {
+        T: low for T, low in specs.BULK_MIN_PAIRS_PER_SM.items() if T >= 5}},
+    # update calls at T = 3-8 on the bulk form from N pairs per SM (T <= 2 as shipped); "bulk_v48": the
+    # rule of v48 (from 12 at T = 3-8, never at T <= 2)
+    "bulk_min_1": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(1)},
+    "bulk_min_4": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(4)},
+    "bulk_min_8": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(8)},
+    "bulk_v48": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(12, range(3, 9))},
     # per-token states at T = 3-4 never on the narrow tiling (the store one), or on it up to 16 pairs per SM
     "narrow_states_never": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 0},
     "narrow_states_16": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 16},

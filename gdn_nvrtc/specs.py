@@ -35,9 +35,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
 # picks one of ten tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
-#   wide      update mode at T <= 2 from one wave outside the short tiling's bands; buffer and scatter
-#             at T = 1. The tiling of head dims other than 128 (at T = 3-4 with a 96-register cap, 5
-#             blocks per SM; at K = V = 128 it served update calls above 8 pairs per SM there until v48).
+#   wide      update mode at T <= 2 from one wave outside the short tiling's bands, up to the bulk
+#             tiling's grids; buffer and scatter at T = 1. The tiling of head dims other than 128 (at
+#             T = 3-4 with a 96-register cap, 5 blocks per SM; at K = V = 128 it served update calls
+#             above 8 pairs per SM there until v48).
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma or short tilings': two (T <= 2) or four times the blocks, less
 #             token-loop work per thread; buffer and scatter at T = 2 on every grid.
@@ -65,10 +66,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             1.8, or more than 2.1 and at most 3 (b, hv) pairs per SM (v37, H200: 2-7% faster there, up
 #             to 4% below 0.5; at 1 and 2 pairs per SM, the wide tiling's whole wave, 2.5-8% slower).
 #   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
-#             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode at T >= 3 on
-#             grids of at least 12 (b, hv) pairs per SM (v35, H200: at T >= 5 0.4-1.8% faster than the
-#             mma tiling from 15.5 pairs per SM, level at 7.8, mixed on smaller grids, where the plain
-#             mma tiling stays; v48: at T = 3-4 1-4% faster than the wide tiling from 15.5 to 248).
+#             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode on grids of at
+#             least BULK_MIN_PAIRS_PER_SM[T] (b, hv) pairs per SM, 4 at T = 3-4 and 7-8, 12 at T = 1 and
+#             5-6, 7.5 at T = 2 (v35, v48, v49, H200: 0.4-3.2% faster than the mma tiling, and at T <= 2
+#             than the wide one, on those grids up to 248 pairs per SM; level or mixed below).
 #   twin      the mma tiling's kernel with two tiles of a (b, hv) pair per block, one after the other,
 #             the second tile's state copies landing while the first computes, the Gram products and
 #             coefficient rows made once per block while the first tile's state is in flight (v43); up
@@ -93,15 +94,17 @@ STORE_TILING = {"THREADS": 128, "ELEMS_PER_LANE": 8, "ROWS_PER_THREAD": 2, "MIN_
 MMA_TILING = {"THREADS": 128, "MMA": 1, "MIN_BLOCKS": 4}  # 128 registers: 4 warps per scheduler
 MMA_MAX_HEAD_DIM_K = 128  # a lane holds K / 2 state values; at K = 256 the kernel spills
 MMA_MAX_TOKENS = 8  # beyond, its static shared memory (the state tile's staging) exceeds 48 KB at K = 128
-MMA_FROM_TOKENS = 3  # measured at T = 2-8 on an H200 (benchmarks/NOTES.md v31); at T = 2 it lost
+MMA_FROM_TOKENS = 3  # measured at T = 2-8 on an H200 (benchmarks/NOTES.md v31); at T = 2 it lost (its bulk
+# form takes the large update grids at T <= 2 since v49, BULK_MIN_PAIRS_PER_SM)
 MMA_ALWAYS_FROM_TOKENS = 7  # update mode: every grid (v31: B = 1 at HV = 8, T = 8 included)
 MMA_MID_TOKENS = 5  # T = 5-6, update mode: from MMA_MID_MIN_PAIRS_PER_SM
 MMA_MID_MIN_PAIRS_PER_SM = 0.125  # 8 pairs on 132 SMs lost (T = 6), 32 gained
 # T = 3-4, update mode: from this many (b, hv) pairs per SM, on every larger grid (v48, H200, against the
 # tilings taken without it: at T = 3 40-56 pairs 2-6% slower, 64 1.5% faster; at T = 4 40 pairs 7% faster;
-# 320-1056 pairs 3-12% faster at both; 1088-1600 (8.2-12.1 per SM) 3-6% faster, and from 12 per SM its bulk
-# form (BULK_MIN_PAIRS_PER_SM) 1-4% faster up to 32768 pairs (248 per SM). v31-v47 stopped at 8 per SM: v31
-# measured 2048 pairs slower with the plain mma tiling, before its state copy moved to whole lines (v40).
+# 320-1056 pairs 3-12% faster at both; 1088-1600 (8.2-12.1 per SM) 3-6% faster, and its bulk form
+# (BULK_MIN_PAIRS_PER_SM: from 4 pairs per SM since v49, 12 in v48) 1-4% faster up to 32768 pairs (248 per
+# SM). v31-v47 stopped at 8 per SM: v31 measured 2048 pairs slower with the plain mma tiling, before its state
+# copy moved to whole lines (v40).
 MMA_FEW_MIN_PAIRS_PER_SM = {3: 0.45, 4: 0.25}
 MMA_FEW_MAX_PAIRS_PER_SM = float("inf")  # 8 before v48 (benchmarks/tune.py's variant mma_few_v47)
 # Buffer and scatter calls (per-token states): the (low, high] bands of (b, hv) pairs per SM, by T, where the mma
@@ -129,8 +132,19 @@ SHORT_MAX_TOKENS = 2  # measured at T = 1-2 (v37); at T = 3-4 the mma tiling tak
 # 8-64 pairs gained 1.4-4% at T = 2 and 0.3-1.5% at T = 1; 80 pairs lost 9% and 128 4-10%.
 SHORT_UPDATE_PAIRS_PER_SM = ((0, 0.5), (1.12, 1.8), (2.1, 3.0))
 BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
-BULK_FROM_TOKENS = 3  # T = 3-4 since v48 (1-4% faster from 15.5 pairs per SM), T >= 5 since v35
-BULK_MIN_PAIRS_PER_SM = 12  # 1024 pairs on 132 SMs (7.8 per SM) level, 2048 (15.5) and more gained
+# Update calls take the bulk tiling from this many (b, hv) pairs per SM, by T (v49, H200, tune.py, H=4 HV=8,
+# H=16 HV=32 and H=16 HV=64 against the tiling taken without it):
+# - T = 1 (against the wide tiling): 256 pairs 2% faster, 512 2% slower, 1024 level, 2048-8192 (15.5-62 per
+#   SM) 1-2.6% faster;
+# - T = 2 (against the wide tiling): 384 pairs 6% slower, 512 0.7-3% slower, 640 1.6% faster, 768 and 896
+#   level, 1024 (7.8 per SM) 0.4-0.8% faster, 1536-32768 (11.6-248) 0.9-3.2% faster;
+# - T = 3-4 and 8 (against the mma tiling): 576-1280 pairs (4.4-9.7 per SM) 1.2-3.2% faster at H=4 HV=8,
+#   768 1.2% (T = 3-4) and 0.8% (T = 8) at H=16 HV=32; below 4 pairs per SM (outside the twin tilings'
+#   bands) mixed: 1.45 level, 2.18 0.8% slower to 1.4% faster, 3.03 0.3% faster to 1.7% slower;
+# - T = 5-6: 768 pairs (5.8 per SM) level to 0.5% slower; from 15.5 0.4-1.8% faster (v35);
+# - T = 7 follows T = 8 (measured in v49's check, see benchmarks/NOTES.md).
+# Before v49: 12 at T >= 3 (v48; T >= 5 since v35), never at T <= 2.
+BULK_MIN_PAIRS_PER_SM = {1: 12, 2: 7.5, 3: 4, 4: 4, 5: 12, 6: 12, 7: 4, 8: 4}
 # MAX_BLOCKS: at most this many blocks per SM, whatever registers the compiler takes (the launch adds
 # unused dynamic shared memory where more would fit; v43: the twin kernel at T = 4 compiles to 128
 # registers, and 4 blocks per SM on a grid of under 3 were 14% slower than 3).
@@ -332,7 +346,7 @@ def _mma_pays(K: int, V: int, T: int, batch_heads: int, sm_count: int, *, writes
     """Whether the mma tiling is the faster choice (measured at K = V = 128 on an H200, v31: tune.py,
     every mode against the shipped choice of v30). Its 64-row blocks hold 4 per SM; at T >= 5 its
     chunk form beats every scalar tiling but on the smallest grids, at T = 3-4 from 1/4 or 0.45 pairs
-    per SM (v48: on every larger grid, with its bulk form from 12), and with per-token states only
+    per SM (v48: on every larger grid; its bulk form from BULK_MIN_PAIRS_PER_SM), and with per-token states only
     where each SM gets 2 or 4 of its blocks (and at T = 3-4 on 1.15-1.4 pairs per SM; v47:
     MMA_STATES_BANDS); elsewhere the store and narrow tilings'
     smaller blocks share the grid out more evenly."""
@@ -359,6 +373,12 @@ def _twin_pays(T: int, pairs_per_sm: float) -> str | None:
     return None
 
 
+def _bulk_pays(T: int, batch_heads: int, sm_count: int, *, writes_states: bool) -> bool:
+    """Whether an update-mode call at K = V = 128 takes the bulk tiling (BULK_MIN_PAIRS_PER_SM)."""
+    low = BULK_MIN_PAIRS_PER_SM.get(T)
+    return not writes_states and low is not None and batch_heads >= low * sm_count
+
+
 def _short_pays(pairs_per_sm: float) -> bool:
     return any(low < pairs_per_sm <= high for low, high in SHORT_UPDATE_PAIRS_PER_SM)
 
@@ -373,11 +393,13 @@ def choose_spec(
         twin = _twin_pays(T, batch_heads / sm_count) if not writes_states else None
         if twin:
             return KernelSpec(K, V, T, input_dtype, state_dtype, twin)
-        bulk = not writes_states and T >= BULK_FROM_TOKENS and batch_heads >= BULK_MIN_PAIRS_PER_SM * sm_count
+        bulk = _bulk_pays(T, batch_heads, sm_count, writes_states=writes_states)
         return KernelSpec(K, V, T, input_dtype, state_dtype, "bulk" if bulk else "mma")
     wide = KernelSpec(K, V, T, input_dtype, state_dtype)
     blocks = batch_heads * wide.tiles_per_head
     measured = K == V == PREBUILT_HEAD_DIM  # the head dims the choices below were measured at
+    if measured and T < MMA_FROM_TOKENS and _bulk_pays(T, batch_heads, sm_count, writes_states=writes_states):
+        return KernelSpec(K, V, T, input_dtype, state_dtype, "bulk")
     if not writes_states and T <= SHORT_MAX_TOKENS and measured and _short_pays(batch_heads / sm_count):
         return KernelSpec(K, V, T, input_dtype, state_dtype, "short")
     if blocks < sm_count:
@@ -467,7 +489,7 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names += ["mma", "twin"]
     if num_tokens in TWIN4_TOKENS:
         names.append("twin4")
-    if BULK_FROM_TOKENS <= num_tokens <= MMA_MAX_TOKENS:
+    if num_tokens in BULK_MIN_PAIRS_PER_SM:
         names.append("bulk")
     if num_tokens >= SPREAD_FROM_TOKENS:
         names.append("spread")

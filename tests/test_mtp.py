@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import check_call, rel_error, same_bits
 from gdn_nvrtc import driver, gated_delta_rule_mtp, mtp
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
 from gdn_nvrtc.specs import (
+    BULK_MIN_PAIRS_PER_SM,
     FLAGS,
     MMA_MAX_HEAD_DIM_K,
     PREBUILT_HEAD_DIM,
@@ -136,12 +138,12 @@ def test_every_tiling_at_other_head_dims(monkeypatch, tiling, K, V):
     check_call(inputs, **mode_kwargs("update", inputs, generator))
 
 
-@pytest.mark.parametrize("T,B", [(4, 24), (5, 48), (7, 48), (8, 48)])
+@pytest.mark.parametrize("T,B", [(4, 14), (5, 48), (7, 13), (8, 13)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
-    """The dispatcher's mma tiling (update mode, grids of several waves; from 12 (b, hv) pairs per SM its
-    bulk form) with padding rows, write slots of which one is skipped, an allocated output and a pool that
-    is a strided slice: no start delay (specs.start_delay_applies)."""
+    """The dispatcher's mma tiling (update mode, grids of more than one wave; from specs.BULK_MIN_PAIRS_PER_SM
+    (b, hv) pairs per SM its bulk form) with padding rows, write slots of which one is skipped, an allocated
+    output and a pool that is a strided slice: no start delay (specs.start_delay_applies)."""
     H, HV = 16, 32
     generator = torch.Generator().manual_seed(1000 * T + (dtype == torch.float16))
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
@@ -163,15 +165,16 @@ def test_mma_tiling_chosen_for_update_mode(T, B, dtype):
     assert plan.launch.function is driver.kernel(spec) and plan.grid == B * HV * spec.tiles_per_head
 
 
-@pytest.mark.parametrize("T", [3, 4, 5, 8])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bulk_tiling_chosen_for_large_update_grids(T, dtype):
-    """The dispatcher's bulk tiling (update mode at T >= 3 from 12 (b, hv) pairs per SM: the final state
-    through bulk copies) with padding rows, write slots of which one is skipped and one out of range, an
-    allocated output and a pool that is a strided slice of a larger cache (only its rows are written)."""
+    """The dispatcher's bulk tiling (update mode from specs.BULK_MIN_PAIRS_PER_SM (b, hv) pairs per SM: the
+    mma kernel with the final state through bulk copies) with padding rows, write slots of which one is
+    skipped and one out of range, an allocated output and a pool that is a strided slice of a larger cache
+    (only its rows are written)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV = 16, 32
-    B = -(-12 * sms // HV) + 1
+    B = math.ceil(BULK_MIN_PAIRS_PER_SM[T] * sms / HV) + 1
     generator = torch.Generator().manual_seed(2000 * T + (dtype == torch.float16))
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=2 * B + 5, generator=generator)
     cache = torch.randn(2 * B + 5, 2, HV, 132, 128, device="cuda")

@@ -72,13 +72,21 @@ def test_choice_of_tiling():
     assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924, 32768)] == ["narrow"] * 9
     assert [pick(1, True, pairs) for pairs in (33, 64, 396, 8192)] == ["wide"] * 4
     # Update mode at T <= 2: the wide tiling, but the short one on up to 0.5, more than 1.12 and at most 1.8
-    # or more than 2.1 and at most 3 pairs per SM (1-66, 148-237 and 278-396 on 132 SMs, v37); never with
-    # per-token states.
-    edges = (1, 32, 33, 66, 67, 147, 148, 237, 238, 256, 277, 278, 396, 397, 8192)
+    # or more than 2.1 and at most 3 pairs per SM (1-66, 148-237 and 278-396 on 132 SMs, v37), and the bulk
+    # one from 12 pairs per SM at T = 1 (1584) and from 7.5 at T = 2 (990, v49); never with per-token states.
+    edges = (1, 32, 33, 66, 67, 147, 148, 237, 238, 256, 277, 278, 396, 397, 989)
     for T in (1, 2):
         assert [pick(T, False, pairs) for pairs in edges] == (
             ["short"] * 4 + ["wide"] * 2 + ["short"] * 2 + ["wide"] * 3 + ["short"] * 2 + ["wide"] * 2)
         assert [pick(T, True, pairs) for pairs in (148, 300)] == ["narrow" if T == 2 else "wide"] * 2
+    assert [pick(T, False, pairs) for T in (1, 2) for pairs in (990, 1583, 1584, 65536)] == (
+        ["wide"] * 2 + ["bulk"] * 2 + ["bulk"] * 4)
+    assert [pick(T, True, pairs) for T in (1, 2) for pairs in (990, 1584, 8192)] == ["wide"] * 3 + ["narrow"] * 3
+    # In pairs per SM: 1584 pairs are 6 per SM on 264 SMs.
+    assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=1584, sm_count=n).tiling_name
+            for T in (1, 2) for n in (SMS, 2 * SMS)] == ["bulk", "wide", "bulk", "wide"]
+    assert choose_spec(64, 64, 2, "bf16", "fp32", writes_states=False, batch_heads=8192,
+                       sm_count=SMS).tiling_name == "wide"  # only measured at K = V = 128
     assert [pick(T, False, 200) for T in (3, 4)] == ["mma"] * 2
     # By pairs per SM: 400 pairs are 3.03 per SM on 132 SMs (no band), 1.52 on 264 (the first band).
     assert [choose_spec(128, 128, 2, "bf16", "fp32", writes_states=False, batch_heads=400, sm_count=n).tiling_name
@@ -106,26 +114,31 @@ def test_choice_of_tiling():
     assert [pick(4, True, pairs) for pairs in (96, 1056, 1057, 4096)] == ["narrow"] * 2 + ["store"] * 2
     assert choose_spec(64, 64, 4, "bf16", "fp32", writes_states=True, batch_heads=256,
                        sm_count=SMS).tiling_name == "store"  # only measured at K = V = 128
-    assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "wide"
+    assert pick(1, True, 8192) == "wide" and pick(2, False, 8192) == "bulk"
     # Update mode: the mma tiling at T >= 7 on every grid, at T = 5-6 from 1/8 pair per SM (17 on 132
     # SMs), at T = 4 from 1/4 (33) and at T = 3 from 0.45 (60) pairs per SM, on every larger grid (v48);
     # the narrow or short-chain tilings below; never at T <= 2.
     assert [pick(T, False, 8) for T in (1, 2, 3, 4, 5, 6, 7, 8)] == (
         ["short"] * 2 + ["narrow"] * 2 + ["spread"] * 2 + ["mma"] * 2)
-    assert [pick(3, False, pairs) for pairs in (33, 59, 60, 1056, 1057, 1583)] == ["narrow"] * 2 + ["mma"] * 4
-    assert [pick(4, False, pairs) for pairs in (32, 33, 1056, 1057, 1583)] == ["narrow"] + ["mma"] * 4
+    assert [pick(3, False, pairs) for pairs in (33, 59, 60, 462)] == ["narrow"] * 2 + ["mma"] * 2
+    assert [pick(4, False, pairs) for pairs in (32, 33, 462)] == ["narrow"] + ["mma"] * 2
     # 60 pairs are 0.45 per SM on 132 SMs, 0.23 on 264.
     assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=pairs, sm_count=n).tiling_name
             for T, pairs in ((3, 60), (4, 33)) for n in (SMS, 2 * SMS)] == ["mma", "narrow"] * 2
     assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1583)] == ["spread", "mma", "mma"] * 2
-    assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 1583)] == ["mma"] * 8
-    # ... from 12 pairs per SM (1584 on 132 SMs) at T >= 5 the bulk tiling (the mma kernel with the final
-    # state through bulk copies) at T >= 3 (from T = 5 before v48); never with per-token states.
+    assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 435)] == ["mma"] * 8
+    # ... and the bulk tiling (the mma kernel with the final state through bulk copies) from 4 pairs per SM
+    # at T = 3-4 and 7-8 (past the twin4 tiling's band: 529 on 132 SMs), from 12 at T = 5-6 (1584; v49; from
+    # 12 at T >= 3 in v48, at T >= 5 before); never with per-token states.
+    assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (529, 1583)] == (
+        ["bulk"] * 4 + ["mma"] * 4 + ["bulk"] * 4)
     assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (1584, 8192, 65536)] == ["bulk"] * 18
     assert [pick(T, True, pairs) for T in (3, 5, 8) for pairs in (1584, 8192)] == ["store"] * 6
-    assert choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=1584,
-                       sm_count=2 * SMS).tiling_name == "mma"  # 6 pairs per SM
-    assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "wide"]
+    # In pairs per SM: 1584 pairs are 6 per SM on 264 SMs, 1056 are 4.
+    assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=pairs,
+                        sm_count=2 * SMS).tiling_name
+            for T, pairs in ((5, 1584), (8, 1584), (4, 1056), (4, 1057))] == ["mma", "bulk", "twin4", "bulk"]
+    assert [pick(2, False, pairs) for pairs in (32, 33, 67, 8192)] == ["short", "short", "wide", "bulk"]
     # Update mode on the mma kernel's grids: the twin tiling (two tiles per block, 3 blocks per SM) on more
     # than 2.3 and at most 3 pairs per SM (304-396 on 132 SMs) at T = 3-8, the twin4 tiling (4 blocks per SM)
     # on at most 4 (528) and more than 3.5 (463) at T = 3-4, more than 3.3 (436) at T = 5-8 (v42-v45); never
@@ -133,10 +146,10 @@ def test_choice_of_tiling():
     edges = (303, 304, 396, 397, 435, 436, 462, 463, 528, 529)
     for T in (3, 4):
         assert [pick(T, False, pairs) for pairs in edges] == (
-            ["mma", "twin", "twin", "mma", "mma", "mma", "mma", "twin4", "twin4", "mma"])
+            ["mma", "twin", "twin", "mma", "mma", "mma", "mma", "twin4", "twin4", "bulk"])
     for T in (5, 6, 7, 8):
         assert [pick(T, False, pairs) for pairs in edges] == (
-            ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "twin4", "twin4", "mma"])
+            ["mma", "twin", "twin", "mma", "mma", "twin4", "twin4", "twin4", "twin4", "bulk" if T >= 7 else "mma"])
     assert [pick(T, True, pairs) for T in (3, 4, 8) for pairs in (331, 463)] == ["narrow"] * 4 + ["store"] * 2
     assert choose_spec(128, 128, 4, "bf16", "fp32", writes_states=False, batch_heads=528,
                        sm_count=2 * SMS).tiling_name == "mma"  # 2 pairs per SM
