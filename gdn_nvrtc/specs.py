@@ -67,8 +67,8 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #             to 4% below 0.5; at 1 and 2 pairs per SM, the wide tiling's whole wave, 2.5-8% slower).
 #   bulk      the mma tiling's kernel with its final state stored through shared memory and bulk copies
 #             (cp.async.bulk, one 512-byte row per copy) instead of st.global: update mode on grids of at
-#             least BULK_MIN_PAIRS_PER_SM[T] (b, hv) pairs per SM, 4 at T = 3-4 and 7-8, 12 at T = 1 and
-#             5-6, 7.5 at T = 2 (v35, v48, v49, H200: 0.4-3.2% faster than the mma tiling, and at T <= 2
+#             least BULK_MIN_PAIRS_PER_SM[T] (b, hv) pairs per SM, 4 at T = 3-4 and 7-8, 9 at T = 5-6,
+#             12 at T = 1, 7.5 at T = 2 (v35, v48, v49, H200: 0.4-3.2% faster than the mma tiling, and at T <= 2
 #             than the wide one, on those grids up to 248 pairs per SM; level or mixed below).
 #   twin      the mma tiling's kernel with two tiles of a (b, hv) pair per block, one after the other,
 #             the second tile's state copies landing while the first computes, the Gram products and
@@ -141,10 +141,12 @@ BULK_TILING = {**MMA_TILING, "BULK_FINAL": 1}
 # - T = 3-4 and 8 (against the mma tiling): 576-1280 pairs (4.4-9.7 per SM) 1.2-3.2% faster at H=4 HV=8,
 #   768 1.2% (T = 3-4) and 0.8% (T = 8) at H=16 HV=32; below 4 pairs per SM (outside the twin tilings'
 #   bands) mixed: 1.45 level, 2.18 0.8% slower to 1.4% faster, 3.03 0.3% faster to 1.7% slower;
-# - T = 5-6: 768 pairs (5.8 per SM) level to 0.5% slower; from 15.5 0.4-1.8% faster (v35);
-# - T = 7 follows T = 8 (measured in v49's check, see benchmarks/NOTES.md).
+# - T = 5-6: 768 and 1024 pairs (5.8 and 7.8 per SM) level to 0.5% slower, 1280 (9.7) 1.2-1.3% faster; from
+#   15.5 0.4-1.8% faster (v35);
+# - T = 7 follows T = 8 (measured in v49's check, see benchmarks/NOTES.md);
+# - T = 1 at 1088 and 1280 pairs (8.2 and 9.7 per SM): level and 0.4% faster, so its edge stays at 12.
 # Before v49: 12 at T >= 3 (v48; T >= 5 since v35), never at T <= 2.
-BULK_MIN_PAIRS_PER_SM = {1: 12, 2: 7.5, 3: 4, 4: 4, 5: 12, 6: 12, 7: 4, 8: 4}
+BULK_MIN_PAIRS_PER_SM = {1: 12, 2: 7.5, 3: 4, 4: 4, 5: 9, 6: 9, 7: 4, 8: 4}
 # MAX_BLOCKS: at most this many blocks per SM, whatever registers the compiler takes (the launch adds
 # unused dynamic shared memory where more would fit; v43: the twin kernel at T = 4 compiles to 128
 # registers, and 4 blocks per SM on a grid of under 3 were 14% slower than 3).

@@ -125,13 +125,13 @@ def test_choice_of_tiling():
     # 60 pairs are 0.45 per SM on 132 SMs, 0.23 on 264.
     assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=pairs, sm_count=n).tiling_name
             for T, pairs in ((3, 60), (4, 33)) for n in (SMS, 2 * SMS)] == ["mma", "narrow"] * 2
-    assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1583)] == ["spread", "mma", "mma"] * 2
+    assert [pick(T, False, pairs) for T in (5, 6) for pairs in (16, 17, 1187)] == ["spread", "mma", "mma"] * 2
     assert [pick(T, False, pairs) for T in (7, 8) for pairs in (1, 8, 66, 435)] == ["mma"] * 8
     # ... and the bulk tiling (the mma kernel with the final state through bulk copies) from 4 pairs per SM
-    # at T = 3-4 and 7-8 (past the twin4 tiling's band: 529 on 132 SMs), from 12 at T = 5-6 (1584; v49; from
+    # at T = 3-4 and 7-8 (past the twin4 tiling's band: 529 on 132 SMs), from 9 at T = 5-6 (1188; v49; from
     # 12 at T >= 3 in v48, at T >= 5 before); never with per-token states.
-    assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (529, 1583)] == (
-        ["bulk"] * 4 + ["mma"] * 4 + ["bulk"] * 4)
+    assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (529, 1187, 1188)] == (
+        ["bulk"] * 6 + ["mma", "mma", "bulk"] * 2 + ["bulk"] * 6)
     assert [pick(T, False, pairs) for T in range(3, 9) for pairs in (1584, 8192, 65536)] == ["bulk"] * 18
     assert [pick(T, True, pairs) for T in (3, 5, 8) for pairs in (1584, 8192)] == ["store"] * 6
     # In pairs per SM: 1584 pairs are 6 per SM on 264 SMs, 1056 are 4.
