@@ -100,6 +100,8 @@ VARIANTS = {
     # "compiler.NAME": value sets a constant of gdn_nvrtc.compiler (the NVRTC options) for the variant
     "ptxas_o1": {"compiler.NVRTC_OPTIONS": (*compiler.NVRTC_OPTIONS, "--ptxas-options=-O1")},  # every kernel
     "twin4_no_t7": {"specs.TWIN4_TOKENS": (3, 4, 5, 6, 8)},  # the mma tiling at T = 7 there (before v45)
+    # the scalar kernel's per-token states through shared memory and bulk copies (KernelSpec.states_bulk)
+    "states_bulk": {"STATES_BULK": 1},
     "cs_states": {"STORE_CS": 1},  # every tiling stores the per-token states with the streaming hint (st.global.cs)
     "no_cs": {"STORE_CS": 0},  # ... without it anywhere (every tiling before v46)
     "mma_states_never": {"specs.MMA_STATES_BANDS": {}},  # per-token states never on the mma tiling

@@ -61,6 +61,7 @@ def render(spec: KernelSpec) -> str:
         short_chain=spec.short_chain,
         streaming_state_stores=spec.streaming_state_stores,
         bulk_final=spec.bulk_final,
+        states_bulk=spec.states_bulk,
         two_tiles=spec.two_tiles,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,

@@ -285,6 +285,12 @@ class KernelSpec:
         return bool(self.tiling.get("STORE_CS"))
 
     @property
+    def states_bulk(self) -> bool:
+        """The per-token states stored through shared memory and bulk copies (the scalar kernel; tiling key
+        STATES_BULK, which only benchmarks/tune.py's variant states_bulk sets: unmeasured, not shipped)."""
+        return not self.uses_mma and bool(self.tiling.get("STATES_BULK"))
+
+    @property
     def bulk_final(self) -> bool:
         """The final state stored through shared memory and bulk copies (cp.async.bulk), not st.global
         (the bulk tiling: the mma tiling's kernel otherwise)."""

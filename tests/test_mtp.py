@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import check_call, rel_error, same_bits
 
-from gdn_nvrtc import driver, gated_delta_rule_mtp, mtp
+from gdn_nvrtc import compiler, cubins, driver, gated_delta_rule_mtp, mtp, specs
 from gdn_nvrtc.reference import OUTPUT_REL_TOL, STATE_REL_TOL, gated_delta_rule_mtp_reference, make_inputs
 from gdn_nvrtc.specs import (
     BULK_MIN_PAIRS_PER_SM,
@@ -123,6 +123,30 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
     inputs = make_inputs(5, T, 16, 32, pool_size=5 * (T + 2) + 2, generator=generator)
     inputs["initial_state_indices"][2] = -1
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
+
+
+@pytest.mark.parametrize(("tiling", "T"), [("store", 3), ("store", 8), ("narrow", 2), ("narrow", 4), ("wide", 1)])
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+def test_states_through_bulk_copies(monkeypatch, tmp_path, tiling, T, mode):
+    """The tiling key STATES_BULK (benchmarks/tune.py's variant states_bulk, in no shipped spec): the scalar
+    kernel's per-token states through shared memory and bulk copies, with a padding row and, in scatter
+    mode, skipped slots and the final state. Compiled on demand into a private cache (the prebuilt cubins
+    and the shared cache hold the shipped kernels of the same names)."""
+    shipped = specs.tiling_for
+    monkeypatch.setattr(specs, "tiling_for",
+                        lambda num_tokens, name="wide": {**shipped(num_tokens, name), "STATES_BULK": 1})
+    monkeypatch.setattr(cubins, "prebuilt_manifest", lambda: {"kernels": {}})
+    monkeypatch.setenv("GDN_NVRTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(driver, "_kernels", {})
+    force_tiling(monkeypatch, tiling)
+    spec = KernelSpec(128, 128, T, "bf16", "fp32", tiling)
+    assert spec.states_bulk and "store_rows_bulk(" in compiler.render(spec)
+    generator = torch.Generator().manual_seed(hash((tiling, T, mode, "bulk")) % 2**31)
+    inputs = make_inputs(6, T, 4, 8, pool_size=6 * (T + 2) + 2, generator=generator)
+    inputs["initial_state_indices"][3] = -1
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec)
 
 
 @pytest.mark.parametrize(
