@@ -46,6 +46,8 @@ def _bulk_min(pairs_per_sm: float, tokens=None) -> dict:
     if tokens is not None:
         return dict.fromkeys(tokens, pairs_per_sm)
     return {T: low if T < specs.MMA_FROM_TOKENS else pairs_per_sm for T, low in specs.BULK_MIN_PAIRS_PER_SM.items()}
+
+
 # the modules whose constants a variant may set as "module.NAME"
 CONSTANT_MODULES = {"specs": specs, "compiler": compiler}
 

@@ -287,7 +287,8 @@ class KernelSpec:
     @property
     def states_bulk(self) -> bool:
         """The per-token states stored through shared memory and bulk copies (the scalar kernel; tiling key
-        STATES_BULK, which only benchmarks/tune.py's variant states_bulk sets: unmeasured, not shipped)."""
+        STATES_BULK, which only benchmarks/tune.py's variant states_bulk sets; not shipped, benchmarks/NOTES.md
+        v49)."""
         return not self.uses_mma and bool(self.tiling.get("STATES_BULK"))
 
     @property
