@@ -383,7 +383,8 @@ def _twin_pays(T: int, pairs_per_sm: float) -> str | None:
 
 
 def _bulk_pays(T: int, batch_heads: int, sm_count: int, *, writes_states: bool) -> bool:
-    """Whether an update-mode call at K = V = 128 takes the bulk tiling (BULK_MIN_PAIRS_PER_SM)."""
+    """Whether an update-mode call takes the bulk tiling (BULK_MIN_PAIRS_PER_SM; measured at K = V = 128 only,
+    which the callers check)."""
     low = BULK_MIN_PAIRS_PER_SM.get(T)
     return not writes_states and low is not None and batch_heads >= low * sm_count
 
