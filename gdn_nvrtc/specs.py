@@ -172,7 +172,7 @@ TWIN4_TOKENS = (3, 4, 5, 6, 7, 8)
 # per SM, where the spilling -O3 kernel was level to 6% faster). Not elsewhere: every mma-family kernel
 # at -O1 was 0.5-4% slower than at -O3 (v45).
 PTXAS_O1_SPECS = (("twin4", 7),)
-TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4")
+TILING_NAMES = ("wide", "narrow", "store", "mma", "spread", "slim", "bulk", "short", "twin", "twin4", "staged")
 STORE_FROM_TOKENS = 3  # buffer/scatter calls with fewer tokens keep the wide tiling
 NARROW_STATES_MAX_TOKENS = 4  # ... and up to this many take the narrow tiling on small grids (v30)
 NARROW_STATES_MAX_PAIRS_PER_SM = 8
@@ -181,12 +181,20 @@ NARROW_STATES_MAX_PAIRS_PER_SM = 8
 # 1024-32768 pairs 0.15-1.5% faster than the 32-row tiling with 2 rows per thread that served them since v15,
 # 512 pairs level to 0.35% slower). Not at T = 1, where it lost 3-9% from 128 pairs.
 NARROW_STATES_TOKENS = 2
+# ... and from this many (b, hv) pairs per SM its staged form (STAGED_TILING: the per-token states through
+# shared memory and bulk copies). v49 (H200, 132 SMs, tune.py A/B against the narrow tiling, H=4 HV=8 and
+# H=16 HV=32): from 2048 pairs (15.5 per SM) scatter 0.9-1.3% faster, buffer 0.3% slower at 2048 and
+# level to 0.6% faster from 4096; at 1024 pairs (7.8) scatter level to 0.5% faster, buffer level to 0.4%
+# slower; at 256 buffer 1.4% slower.
+STAGED_MIN_PAIRS_PER_SM = 15
+STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 
 
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
 FIXED_TILINGS = {
     "narrow": NARROW_TILING, "store": STORE_TILING, "mma": MMA_TILING, "spread": SPREAD_TILING,
     "slim": SLIM_TILING, "bulk": BULK_TILING, "short": SHORT_TILING, "twin": TWIN_TILING, "twin4": TWIN4_TILING,
+    "staged": STAGED_TILING,
 }
 
 
@@ -197,6 +205,9 @@ FIXED_TILINGS = {
 # SM, level to 0.7% faster at T = 6-8 on 2-3, level at T = 4 and 0.5-0.7% slower at T = 3 on 2, and its
 # update calls level (T = 6-8: within 0.3% either way; at T = 5, 0.5% slower).
 STREAMING_STATES_FROM_TOKENS = {"store": STORE_FROM_TOKENS, "narrow": 3, "mma": 6}
+
+
+DEPENDENTS_TRIGGERS = ("wait", "start", "final")  # KernelSpec.dependents_trigger
 
 
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
@@ -287,9 +298,19 @@ class KernelSpec:
     @property
     def states_bulk(self) -> bool:
         """The per-token states stored through shared memory and bulk copies (the scalar kernel; tiling key
-        STATES_BULK, which only benchmarks/tune.py's variant states_bulk sets; not shipped, benchmarks/NOTES.md
-        v49)."""
+        STATES_BULK: the staged tiling, and benchmarks/tune.py's variant states_bulk on any scalar tiling)."""
         return not self.uses_mma and bool(self.tiling.get("STATES_BULK"))
+
+    @property
+    def dependents_trigger(self) -> str:
+        """Where a block lets the next kernel on the stream launch (griddepcontrol.launch_dependents): "wait",
+        right after its own wait for the previous kernel (every shipped kernel). Tiling key TRIGGER, set only
+        by benchmarks/tune.py's variants: "start" (before that wait) or "final" (after the token loop, before
+        the final state's store)."""
+        trigger = self.tiling.get("TRIGGER", "wait")
+        if trigger not in DEPENDENTS_TRIGGERS:
+            raise ValueError(f"TRIGGER must be one of {DEPENDENTS_TRIGGERS}, got {trigger!r}")
+        return trigger
 
     @property
     def bulk_final(self) -> bool:
@@ -426,7 +447,7 @@ def choose_spec(
         small = T <= NARROW_STATES_MAX_TOKENS and batch_heads <= NARROW_STATES_MAX_PAIRS_PER_SM * sm_count
         name = "narrow" if measured and small else "store"
     elif writes_states and T == NARROW_STATES_TOKENS and measured:
-        name = "narrow"
+        name = "staged" if batch_heads >= STAGED_MIN_PAIRS_PER_SM * sm_count else "narrow"
     else:
         return wide
     return KernelSpec(K, V, T, input_dtype, state_dtype, name)
@@ -501,6 +522,8 @@ def tilings_chosen(num_tokens: int) -> tuple[str, ...]:
         names.append("twin4")
     if num_tokens in BULK_MIN_PAIRS_PER_SM:
         names.append("bulk")
+    if num_tokens == NARROW_STATES_TOKENS:
+        names.append("staged")
     if num_tokens >= SPREAD_FROM_TOKENS:
         names.append("spread")
     if num_tokens >= SLIM_FROM_TOKENS:

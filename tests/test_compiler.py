@@ -156,6 +156,47 @@ def test_streaming_state_stores(T, tiling, streaming):
         assert source.count("store_rows<true>(") == 2 and source.count("store_rows<false>(") == 1
 
 
+def test_states_through_bulk_copies_only_where_staged():
+    """STATES_BULK: of the prebuilt kernels only the staged tiling's send the per-token states through the
+    staging rows and bulk copies (both buffer and scatter stores), the final state by st.global as before."""
+    for spec in PREBUILT_SPECS:
+        source = compiler.render(spec)
+        assert spec.states_bulk == (spec.tiling_name == "staged"), spec.name
+        if spec.states_bulk:
+            assert source.count("store_rows_bulk(") == 3 and source.count("store_rows(") == 2
+            assert "cp.async.bulk.global.shared::cta.bulk_group" in source
+        else:
+            assert "store_rows_bulk" not in source
+    assert {spec.num_tokens for spec in PREBUILT_SPECS if spec.states_bulk} == {2}
+
+
+@pytest.mark.parametrize("trigger", ["wait", "start", "final", None])
+def test_dependents_trigger(monkeypatch, trigger):
+    """TRIGGER (KernelSpec.dependents_trigger): every kernel lets the next one launch at one place, right
+    after its wait unless the key moves it (tune.py only); an unknown place is refused."""
+    from gdn_nvrtc import specs
+
+    shipped_tiling_for = specs.tiling_for
+    if trigger is not None:
+        monkeypatch.setattr(specs, "tiling_for", lambda num_tokens, name="wide": {
+            **shipped_tiling_for(num_tokens, name), "TRIGGER": trigger})
+    for spec in (KernelSpec(128, 128, 2, "bf16"), KernelSpec(128, 128, 8, "bf16", "fp32", "twin4"),
+                 KernelSpec(128, 128, 8, "bf16", "fp32", "store")):
+        assert spec.dependents_trigger == (trigger or "wait")
+        source = compiler.render(spec)
+        assert source.count("griddepcontrol.launch_dependents") == 1
+        code = [line.strip() for line in source.splitlines() if line.strip() and not line.strip().startswith("//")]
+        at = next(i for i, line in enumerate(code) if "griddepcontrol.launch_dependents" in line)
+        neighbour = {"wait": code[at - 1], "start": code[at + 1], "final": code[at + 1]}[trigger or "wait"]
+        expected = {"wait": "griddepcontrol.wait", "start": "const int tile =",
+                    "final": "if (p.flags & FLAG_WRITE_FINAL)"}
+        assert expected[trigger or "wait"] in neighbour, neighbour
+    monkeypatch.setattr(specs, "tiling_for", lambda num_tokens, name="wide": {
+        **shipped_tiling_for(num_tokens, name), "TRIGGER": "late"})
+    with pytest.raises(ValueError, match="TRIGGER must be one of"):
+        compiler.render(KernelSpec(128, 128, 2, "bf16"))
+
+
 def test_streaming_stores_without_the_key_render_as_before(monkeypatch):
     """Without STORE_CS a tiling renders the source it had before the key existed: the plain stores only."""
     from gdn_nvrtc import specs

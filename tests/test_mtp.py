@@ -17,6 +17,7 @@ from gdn_nvrtc.specs import (
     MMA_MAX_HEAD_DIM_K,
     PREBUILT_HEAD_DIM,
     PREBUILT_TOKENS,
+    STAGED_MIN_PAIRS_PER_SM,
     TILING_NAMES,
     KernelSpec,
     prefetch_state,
@@ -128,10 +129,10 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
 @pytest.mark.parametrize(("tiling", "T"), [("store", 3), ("store", 8), ("narrow", 2), ("narrow", 4), ("wide", 1)])
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])
 def test_states_through_bulk_copies(monkeypatch, tmp_path, tiling, T, mode):
-    """The tiling key STATES_BULK (benchmarks/tune.py's variant states_bulk, in no shipped spec): the scalar
-    kernel's per-token states through shared memory and bulk copies, with a padding row and, in scatter
-    mode, skipped slots and the final state. Compiled on demand into a private cache (the prebuilt cubins
-    and the shared cache hold the shipped kernels of the same names)."""
+    """The tiling key STATES_BULK (the staged tiling's; benchmarks/tune.py's variant states_bulk sets it on
+    any scalar tiling): the kernel's per-token states through shared memory and bulk copies, with a padding
+    row and, in scatter mode, skipped slots and the final state. Compiled on demand into a private cache
+    (the prebuilt cubins and the shared cache hold the shipped kernels of the same names)."""
     shipped = specs.tiling_for
     monkeypatch.setattr(specs, "tiling_for",
                         lambda num_tokens, name="wide": {**shipped(num_tokens, name), "STATES_BULK": 1})
@@ -240,6 +241,36 @@ def test_mma_tiling_chosen_for_small_grids(T, mode, pairs_per_sm):
     spec = mtp.choose_spec(128, 128, T, "bf16", "fp32", writes_states=mode != "update", batch_heads=B * HV,
                            sm_count=sms)
     assert spec.tiling_name == "mma"
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec)
+
+
+@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_staged_tiling_chosen_for_large_state_grids(mode, dtype):
+    """The dispatcher's staged tiling (per-token states at T = 2 from specs.STAGED_MIN_PAIRS_PER_SM (b, hv)
+    pairs per SM: the narrow kernel with the per-token states through bulk copies) with padding rows, skipped
+    scatter slots and a pool that is a strided slice of a larger cache, rows 136 floats apart (only its
+    elements are written)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV, T = 4, 8, 2
+    B = math.ceil(STAGED_MIN_PAIRS_PER_SM * sms / HV) + 1
+    pool_size = B * (T + 1) + 3
+    generator = torch.Generator().manual_seed(3000 + MODES.index(mode) + 10 * (dtype == torch.float16))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size, generator=generator)
+    cache = torch.randn(pool_size, HV, 132, 136, device="cuda")
+    cache[:, :, 2:130, 4:132].copy_(inputs["initial_state"])
+    inputs["initial_state"] = cache[:, :, 2:130, 4:132]
+    inputs["initial_state_indices"][[1, B // 3]] = -1
+    untouched = cache.clone()
+    untouched[:, :, 2:130, 4:132] = float("nan")
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    outside = ~torch.isnan(untouched)
+    assert same_bits(cache[outside], untouched[outside])
+    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32",
+                           writes_states=True, batch_heads=B * HV, sm_count=sms)
+    assert spec.tiling_name == "staged" and spec.states_bulk
     (plan,) = mtp._plans.values()
     assert plan.launch.function is driver.kernel(spec)
 
