@@ -105,13 +105,10 @@ VARIANTS = {
     # the scalar kernel's per-token states through shared memory and bulk copies (KernelSpec.states_bulk)
     "states_bulk": {"STATES_BULK": 1},
     # per-token states at T = 2 on the narrow tiling on every grid (v49: the staged tiling never), or on its
-    # staged form from N pairs per SM
+    # staged form from N pairs per SM (v50: from 15, then 9)
     "staged_never": {"specs.STAGED_MIN_PAIRS_PER_SM": 1e9},
-    # the shipped choice with the next kernel's launch allowed elsewhere in the block (KernelSpec.dependents_trigger)
-    "trigger_start": {"TRIGGER": "start"},
-    "trigger_final": {"TRIGGER": "final"},
     "staged_min_8": {"specs.STAGED_MIN_PAIRS_PER_SM": 8},
-    "staged_min_11": {"specs.STAGED_MIN_PAIRS_PER_SM": 11},
+    "staged_min_15": {"specs.STAGED_MIN_PAIRS_PER_SM": 15},
     "cs_states": {"STORE_CS": 1},  # every tiling stores the per-token states with the streaming hint (st.global.cs)
     "no_cs": {"STORE_CS": 0},  # ... without it anywhere (every tiling before v46)
     "mma_states_never": {"specs.MMA_STATES_BANDS": {}},  # per-token states never on the mma tiling

@@ -62,7 +62,6 @@ def render(spec: KernelSpec) -> str:
         streaming_state_stores=spec.streaming_state_stores,
         bulk_final=spec.bulk_final,
         states_bulk=spec.states_bulk,
-        trigger=spec.dependents_trigger,
         two_tiles=spec.two_tiles,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,

@@ -182,11 +182,12 @@ NARROW_STATES_MAX_PAIRS_PER_SM = 8
 # 512 pairs level to 0.35% slower). Not at T = 1, where it lost 3-9% from 128 pairs.
 NARROW_STATES_TOKENS = 2
 # ... and from this many (b, hv) pairs per SM its staged form (STAGED_TILING: the per-token states through
-# shared memory and bulk copies). v49 (H200, 132 SMs, tune.py A/B against the narrow tiling, H=4 HV=8 and
-# H=16 HV=32): from 2048 pairs (15.5 per SM) scatter 0.9-1.3% faster, buffer 0.3% slower at 2048 and
-# level to 0.6% faster from 4096; at 1024 pairs (7.8) scatter level to 0.5% faster, buffer level to 0.4%
-# slower; at 256 buffer 1.4% slower.
-STAGED_MIN_PAIRS_PER_SM = 15
+# shared memory and bulk copies). H200, 132 SMs, tune.py A/B against the narrow tiling, H=4 HV=8 and H=16
+# HV=32: v49, from 2048 pairs (15.5 per SM) scatter 0.9-1.3% faster, buffer 0.3% slower at 2048 and level
+# to 0.6% faster from 4096, at 1024 pairs (7.8) scatter level to 0.5% faster and buffer level to 0.4%
+# slower, at 256 buffer 1.4% slower; v50, scatter 0.3-1% faster at 9.7-13.6 per SM and 1.1-1.2% at 15.5
+# and 31, buffer level (within 0.2%) at 7.8-31, scatter level at 7.8.
+STAGED_MIN_PAIRS_PER_SM = 9
 STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 
 
@@ -205,9 +206,6 @@ FIXED_TILINGS = {
 # SM, level to 0.7% faster at T = 6-8 on 2-3, level at T = 4 and 0.5-0.7% slower at T = 3 on 2, and its
 # update calls level (T = 6-8: within 0.3% either way; at T = 5, 0.5% slower).
 STREAMING_STATES_FROM_TOKENS = {"store": STORE_FROM_TOKENS, "narrow": 3, "mma": 6}
-
-
-DEPENDENTS_TRIGGERS = ("wait", "start", "final")  # KernelSpec.dependents_trigger
 
 
 def tiling_for(num_tokens: int, name: str = "wide") -> dict:
@@ -300,17 +298,6 @@ class KernelSpec:
         """The per-token states stored through shared memory and bulk copies (the scalar kernel; tiling key
         STATES_BULK: the staged tiling, and benchmarks/tune.py's variant states_bulk on any scalar tiling)."""
         return not self.uses_mma and bool(self.tiling.get("STATES_BULK"))
-
-    @property
-    def dependents_trigger(self) -> str:
-        """Where a block lets the next kernel on the stream launch (griddepcontrol.launch_dependents): "wait",
-        right after its own wait for the previous kernel (every shipped kernel). Tiling key TRIGGER, set only
-        by benchmarks/tune.py's variants: "start" (before that wait) or "final" (after the token loop, before
-        the final state's store)."""
-        trigger = self.tiling.get("TRIGGER", "wait")
-        if trigger not in DEPENDENTS_TRIGGERS:
-            raise ValueError(f"TRIGGER must be one of {DEPENDENTS_TRIGGERS}, got {trigger!r}")
-        return trigger
 
     @property
     def bulk_final(self) -> bool:

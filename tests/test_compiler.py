@@ -170,33 +170,6 @@ def test_states_through_bulk_copies_only_where_staged():
     assert {spec.num_tokens for spec in PREBUILT_SPECS if spec.states_bulk} == {2}
 
 
-@pytest.mark.parametrize("trigger", ["wait", "start", "final", None])
-def test_dependents_trigger(monkeypatch, trigger):
-    """TRIGGER (KernelSpec.dependents_trigger): every kernel lets the next one launch at one place, right
-    after its wait unless the key moves it (tune.py only); an unknown place is refused."""
-    from gdn_nvrtc import specs
-
-    shipped_tiling_for = specs.tiling_for
-    if trigger is not None:
-        monkeypatch.setattr(specs, "tiling_for", lambda num_tokens, name="wide": {
-            **shipped_tiling_for(num_tokens, name), "TRIGGER": trigger})
-    for spec in (KernelSpec(128, 128, 2, "bf16"), KernelSpec(128, 128, 8, "bf16", "fp32", "twin4"),
-                 KernelSpec(128, 128, 8, "bf16", "fp32", "store")):
-        assert spec.dependents_trigger == (trigger or "wait")
-        source = compiler.render(spec)
-        assert source.count("griddepcontrol.launch_dependents") == 1
-        code = [line.strip() for line in source.splitlines() if line.strip() and not line.strip().startswith("//")]
-        at = next(i for i, line in enumerate(code) if "griddepcontrol.launch_dependents" in line)
-        neighbour = {"wait": code[at - 1], "start": code[at + 1], "final": code[at + 1]}[trigger or "wait"]
-        expected = {"wait": "griddepcontrol.wait", "start": "const int tile =",
-                    "final": "if (p.flags & FLAG_WRITE_FINAL)"}
-        assert expected[trigger or "wait"] in neighbour, neighbour
-    monkeypatch.setattr(specs, "tiling_for", lambda num_tokens, name="wide": {
-        **shipped_tiling_for(num_tokens, name), "TRIGGER": "late"})
-    with pytest.raises(ValueError, match="TRIGGER must be one of"):
-        compiler.render(KernelSpec(128, 128, 2, "bf16"))
-
-
 def test_streaming_stores_without_the_key_render_as_before(monkeypatch):
     """Without STORE_CS a tiling renders the source it had before the key existed: the plain stores only."""
     from gdn_nvrtc import specs

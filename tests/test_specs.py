@@ -67,11 +67,11 @@ def test_choice_of_tiling():
     # Per-token states at T >= 3 once the grid is full, except at T = 3-4 up to 8 (b, hv) pairs per SM
     # (1056 on 132 SMs: narrow) and in the mma tiling's bands (v47: more than 1.75 and at most 2 pairs per
     # SM at every T, 232-264 on 132 SMs; at T = 3-4 also 1.15-1.4, 152-184; at T = 7-8 also 0.93-1,
-    # 123-132); at T = 1 the wide tiling keeps them, at T = 2 the narrow tiling takes every grid up to 15
-    # pairs per SM (1980 on 132 SMs) and its staged form the larger ones (v49).
+    # 123-132); at T = 1 the wide tiling keeps them, at T = 2 the narrow tiling takes every grid below 9
+    # pairs per SM (1188 on 132 SMs) and its staged form the larger ones (v50).
     assert [pick(T, True, 8 * 32) for T in (2, 3, 4, 5, 8)] == ["narrow", "mma", "mma", "mma", "mma"]
-    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924, 1979)] == ["narrow"] * 9
-    assert [pick(2, True, pairs) for pairs in (1980, 2048, 32768)] == ["staged"] * 3
+    assert [pick(2, True, pairs) for pairs in (33, 64, 132, 133, 462, 463, 923, 924, 1187)] == ["narrow"] * 9
+    assert [pick(2, True, pairs) for pairs in (1188, 2048, 32768)] == ["staged"] * 3
     assert [choose_spec(128, 128, 2, "bf16", "fp32", writes_states=True, batch_heads=2048, sm_count=n).tiling_name
             for n in (SMS, 2 * SMS)] == ["staged", "narrow"]
     assert [pick(T, True, 4096) for T in (1, 3)] == ["wide", "store"]
@@ -87,8 +87,8 @@ def test_choice_of_tiling():
         assert [pick(T, True, pairs) for pairs in (148, 300)] == ["narrow" if T == 2 else "wide"] * 2
     assert [pick(T, False, pairs) for T in (1, 2) for pairs in (990, 1583, 1584, 65536)] == (
         ["wide"] * 2 + ["bulk"] * 2 + ["bulk"] * 4)
-    assert [pick(T, True, pairs) for T in (1, 2) for pairs in (990, 1584, 8192)] == ["wide"] * 3 + ["narrow"] * 2 + [
-        "staged"]
+    assert [pick(T, True, pairs) for T in (1, 2) for pairs in (990, 1584, 8192)] == ["wide"] * 3 + ["narrow"] + [
+        "staged"] * 2
     # In pairs per SM: 1584 pairs are 6 per SM on 264 SMs.
     assert [choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=1584, sm_count=n).tiling_name
             for T in (1, 2) for n in (SMS, 2 * SMS)] == ["bulk", "wide", "bulk", "wide"]
