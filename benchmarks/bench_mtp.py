@@ -225,12 +225,20 @@ def time_calls(calls: Sequence[Callable[[], object]], repeats: int, min_ms: floa
         torch.cuda.synchronize()
         run, method, note = eager, "eager", f"graph capture failed ({_brief(error)}); timed eager calls with events"
 
+    samples = replay_samples(run, len(calls), repeats, min_ms)
+    return Timing(statistics.median(samples), samples, method, note)
+
+
+def replay_samples(run: Callable[[], object], calls: int, repeats: int, min_ms: float) -> list[float]:
+    """us per call: `repeats` timings of enough replays of `run` (which makes `calls` calls) to last min_ms,
+    after an untimed batch as long: at a new point's first replays the GPU ran up to 10% slower for 20-40
+    ms (v50, H200: the first one or two of three 20 ms samples at B = 32 after a larger point)."""
     run()
     run()
     torch.cuda.synchronize()
     replays = max(2, math.ceil(min_ms / max(_elapsed_ms(run, 1), 1e-3)))
-    samples = [_elapsed_ms(run, replays) * 1e3 / (replays * len(calls)) for _ in range(repeats)]
-    return Timing(statistics.median(samples), samples, method, note)
+    _elapsed_ms(run, replays)
+    return [_elapsed_ms(run, replays) * 1e3 / (replays * calls) for _ in range(repeats)]
 
 
 def pool_slots_per_call(mode: str, B: int, T: int) -> int:

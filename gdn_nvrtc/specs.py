@@ -34,14 +34,14 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 # rescale as a multiply and its reciprocal in one instruction, so no branch or call sits between tokens
 # (v17: with the slim and early-fetch choices below, up to 21% faster at B = 1-8, 1% slower at two H100
 # points; it cost the narrow tiling at 4 blocks per SM and grew the other tilings' registers). Each call
-# picks one of ten tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
+# picks one of eleven tilings (choose_spec), from measurements on an H200 (benchmarks/NOTES.md):
 #   wide      update mode at T <= 2 from one wave outside the short tiling's bands, up to the bulk
 #             tiling's grids; buffer and scatter at T = 1. The tiling of head dims other than 128 (at
 #             T = 3-4 with a 96-register cap, 5 blocks per SM; at K = V = 128 it served update calls
 #             above 8 pairs per SM there until v48).
 #   narrow    16 rows per block, for grids that would leave SMs idle with the wide tiling
 #             (B = 1) and are not the mma or short tilings': two (T <= 2) or four times the blocks, less
-#             token-loop work per thread; buffer and scatter at T = 2 on every grid.
+#             token-loop work per thread; buffer and scatter at T = 2 below the staged tiling's grids.
 #   spread    4 rows per block, 32 lanes per row, at T >= 5 for grids that leave SMs idle even with
 #             the narrow tiling (B = 1-2 at HV = 8; in update mode only at T = 5-6 below the mma
 #             tiling's grids): four times its blocks, a quarter of its arithmetic per thread and token.
@@ -79,6 +79,10 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   twin4     the same at 128 registers, 4 blocks per SM: update mode on at most 4 pairs per SM and more
 #             than 3.5 at T = 3-4 (v42, H200: 2.5-6% faster), more than 3.3 at T = 5-8 (v44, v45, H200:
 #             1.5-9% faster; its T = 7 kernel is compiled with ptxas -O1, see PTXAS_O1_SPECS).
+#   staged    the narrow tiling with its per-token states stored through shared memory and bulk copies
+#             (STATES_BULK: one row per copy): buffer and scatter calls at T = 2 from
+#             STAGED_MIN_PAIRS_PER_SM (b, hv) pairs per SM (v49, v50, H200: scatter 0.3-1.3% faster, buffer
+#             level, from 9.7 pairs per SM).
 WIDE_TILINGS = (  # (largest T, tiling)
     (2, {"THREADS": 64, "ELEMS_PER_LANE": 32, "ROWS_PER_THREAD": 2, "MIN_BLOCKS": 0}),
     (4, {"THREADS": 128, "ELEMS_PER_LANE": 16, "ROWS_PER_THREAD": 4, "MIN_BLOCKS": 5}),  # fits 96 registers

@@ -175,3 +175,21 @@ def test_resume_needs_the_same_card_method_and_peers():
     assert bench_mtp.resume_mismatch(earlier, **same) == ""
     for what, other in (("card", "NVIDIA H200"), ("method", {"repeats": 2}), ("peers", {"flashinfer": "0.8"})):
         assert what in bench_mtp.resume_mismatch(earlier, **{**same, what: other})
+
+
+def test_replay_samples_skip_a_warm_up_batch(monkeypatch):
+    """The first batch of replays (as long as a sample) is run but not kept: the samples are the later ones,
+    per call."""
+    batches = []
+    times = iter([0.5, 30.0, 21.0, 20.0, 20.0])  # calibration (one replay), warm-up, then three samples
+
+    def elapsed(run, n):
+        batches.append(n)
+        return next(times)
+
+    monkeypatch.setattr(bench_mtp, "_elapsed_ms", elapsed)
+    monkeypatch.setattr(bench_mtp.torch.cuda, "synchronize", lambda: None)
+    ran = []
+    samples = bench_mtp.replay_samples(lambda: ran.append(1), calls=4, repeats=3, min_ms=20.0)
+    assert len(ran) == 2 and batches == [1, 40, 40, 40, 40]
+    assert samples == pytest.approx([21.0 * 1e3 / 160, 20.0 * 1e3 / 160, 20.0 * 1e3 / 160])
