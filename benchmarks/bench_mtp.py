@@ -229,15 +229,20 @@ def time_calls(calls: Sequence[Callable[[], object]], repeats: int, min_ms: floa
     return Timing(statistics.median(samples), samples, method, note)
 
 
+WARMUP_MS = 200.0  # untimed replays before a point's samples (replay_samples)
+
+
 def replay_samples(run: Callable[[], object], calls: int, repeats: int, min_ms: float) -> list[float]:
     """us per call: `repeats` timings of enough replays of `run` (which makes `calls` calls) to last min_ms,
-    after an untimed batch as long: at a new point's first replays the GPU ran up to 10% slower for 20-40
-    ms (v50, H200: the first one or two of three 20 ms samples at B = 32 after a larger point)."""
+    after untimed replays for WARMUP_MS: at a new point's first replays the GPU ran up to 10% slower for
+    40-60 ms (v50, H200: the first one or two of three 20 ms samples at B = 32 after a larger point, and
+    still the first after one untimed 20 ms batch)."""
     run()
     run()
     torch.cuda.synchronize()
-    replays = max(2, math.ceil(min_ms / max(_elapsed_ms(run, 1), 1e-3)))
-    _elapsed_ms(run, replays)
+    replay_ms = max(_elapsed_ms(run, 1), 1e-3)
+    replays = max(2, math.ceil(min_ms / replay_ms))
+    _elapsed_ms(run, max(replays, math.ceil(WARMUP_MS / replay_ms)))
     return [_elapsed_ms(run, replays) * 1e3 / (replays * calls) for _ in range(repeats)]
 
 

@@ -178,10 +178,10 @@ def test_resume_needs_the_same_card_method_and_peers():
 
 
 def test_replay_samples_skip_a_warm_up_batch(monkeypatch):
-    """The first batch of replays (as long as a sample) is run but not kept: the samples are the later ones,
-    per call."""
+    """A first batch of replays (WARMUP_MS long, or a sample's length if that is longer) is run but not kept:
+    the samples are the later ones, per call."""
     batches = []
-    times = iter([0.5, 30.0, 21.0, 20.0, 20.0])  # calibration (one replay), warm-up, then three samples
+    times = iter([0.5, 200.0, 21.0, 20.0, 20.0])  # calibration (one replay), warm-up, then three samples
 
     def elapsed(run, n):
         batches.append(n)
@@ -191,5 +191,9 @@ def test_replay_samples_skip_a_warm_up_batch(monkeypatch):
     monkeypatch.setattr(bench_mtp.torch.cuda, "synchronize", lambda: None)
     ran = []
     samples = bench_mtp.replay_samples(lambda: ran.append(1), calls=4, repeats=3, min_ms=20.0)
-    assert len(ran) == 2 and batches == [1, 40, 40, 40, 40]
+    assert len(ran) == 2 and batches == [1, 400, 40, 40, 40]
     assert samples == pytest.approx([21.0 * 1e3 / 160, 20.0 * 1e3 / 160, 20.0 * 1e3 / 160])
+    times = iter([50.0, 60.0, 120.0, 110.0])  # a replay longer than min_ms: two per sample, warm-up as long
+    batches.clear()
+    assert bench_mtp.replay_samples(lambda: None, calls=1, repeats=2, min_ms=20.0) == pytest.approx([6e4, 5.5e4])
+    assert batches == [1, 4, 2, 2]
