@@ -43,6 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gpu_state
 import torch
 
 MODES = ("update", "buffer", "scatter")
@@ -99,6 +100,7 @@ class Timing:
     samples_us: list[float] = field(default_factory=list)
     method: str = "n/a"  # "graph" (graph replay), "eager" (capture failed) or "n/a"
     note: str = ""  # why n/a, or why eager
+    gpu: dict[str, float] | None = None  # power and clock limiters over warm-up and samples (gpu_state.summarize)
 
 
 @dataclass
@@ -157,13 +159,18 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def table_notes(rows: Sequence[Row]) -> list[str]:
-    """Why a cell is n/a or eager, once per implementation and reason."""
+    """Why a cell is n/a or eager, once per implementation and reason; then each timing whose clocks a
+    limiter held down (gpu_state.held_note)."""
     notes: dict[str, set[str]] = {}
+    held: list[str] = []
     for row in rows:
         for name, timing in row.timings.items():
             if timing.note:
                 notes.setdefault(f"{name} ({timing.method})", set()).add(timing.note)
-    return [f"{who}: {note}" for who, reasons in notes.items() for note in sorted(reasons)]
+            reason = gpu_state.held_note(timing.gpu)
+            if reason:
+                held.append(f"{name} at {row.mode} T={row.T} B={row.B} H={row.H} HV={row.HV}: {reason}")
+    return [f"{who}: {note}" for who, reasons in notes.items() for note in sorted(reasons)] + held
 
 
 # ---------------------------------------------------------------- GPU measurements
@@ -196,11 +203,15 @@ def _brief(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
 
 
-def time_calls(calls: Sequence[Callable[[], object]], repeats: int, min_ms: float, *, peer: bool) -> Timing:
+def time_calls(
+    calls: Sequence[Callable[[], object]], repeats: int, min_ms: float, *, peer: bool,
+    monitor: gpu_state.Monitor | None = None,
+) -> Timing:
     """Time per call of `calls` captured back to back in one CUDA graph.
 
     A peer that fails is reported, not fatal; a peer that cannot be captured is timed eagerly.
-    Our own function must run and capture, so its errors propagate.
+    Our own function must run and capture, so its errors propagate. With a monitor, the timing keeps
+    what the GPU's power and clock limiters did over its warm-up and samples.
     """
     try:
         calls[0]()  # JIT peers compile here, outside capture and timing
@@ -225,25 +236,31 @@ def time_calls(calls: Sequence[Callable[[], object]], repeats: int, min_ms: floa
         torch.cuda.synchronize()
         run, method, note = eager, "eager", f"graph capture failed ({_brief(error)}); timed eager calls with events"
 
-    samples = replay_samples(run, len(calls), repeats, min_ms)
-    return Timing(statistics.median(samples), samples, method, note)
+    samples, gpu = replay_samples(run, len(calls), repeats, min_ms, monitor)
+    return Timing(statistics.median(samples), samples, method, note, gpu)
 
 
 WARMUP_MS = 200.0  # untimed replays before a point's samples (replay_samples)
 
 
-def replay_samples(run: Callable[[], object], calls: int, repeats: int, min_ms: float) -> list[float]:
+def replay_samples(
+    run: Callable[[], object], calls: int, repeats: int, min_ms: float, monitor: gpu_state.Monitor | None = None
+) -> tuple[list[float], dict[str, float] | None]:
     """us per call: `repeats` timings of enough replays of `run` (which makes `calls` calls) to last min_ms,
     after untimed replays for WARMUP_MS: at a new point's first replays the GPU ran up to 10% slower for
     40-60 ms (v50, H200: the first one or two of three 20 ms samples at B = 32 after a larger point, and
-    still the first after one untimed 20 ms batch)."""
+    still the first after one untimed 20 ms batch). With a monitor, also the GPU state over the warm-up
+    and the samples (gpu_state.summarize; else None)."""
     run()
     run()
     torch.cuda.synchronize()
     replay_ms = max(_elapsed_ms(run, 1), 1e-3)
     replays = max(2, math.ceil(min_ms / replay_ms))
+    start = monitor.read() if monitor is not None else None
     _elapsed_ms(run, max(replays, math.ceil(WARMUP_MS / replay_ms)))
-    return [_elapsed_ms(run, replays) * 1e3 / (replays * calls) for _ in range(repeats)]
+    samples = [_elapsed_ms(run, replays) * 1e3 / (replays * calls) for _ in range(repeats)]
+    gpu = gpu_state.summarize(start, monitor.read()) if monitor is not None and start is not None else None
+    return samples, gpu
 
 
 def pool_slots_per_call(mode: str, B: int, T: int) -> int:
@@ -404,7 +421,7 @@ def implementations(
 
 def bench_point(
     mode: str, T: int, B: int, H: int, HV: int, found: Sequence[Implementation], status: dict[str, str],
-    bandwidth: float, args: argparse.Namespace, generator: torch.Generator,
+    bandwidth: float, args: argparse.Namespace, generator: torch.Generator, monitor: gpu_state.Monitor | None = None,
 ) -> Row:
     nbytes = moved_bytes(mode, B, T, H, HV)
     row = Row(mode, T, B, H, HV, floor_us=nbytes / bandwidth * 1e6, floor_bytes=nbytes)
@@ -427,7 +444,7 @@ def bench_point(
             row.timings[name] = Timing(note=impl.refuses(mode, B, T, H, HV))
         else:
             calls = [impl.bind(kwargs) for kwargs in arguments]
-            row.timings[name] = time_calls(calls, args.repeats, args.min_ms, peer=name != "ours")
+            row.timings[name] = time_calls(calls, args.repeats, args.min_ms, peer=name != "ours", monitor=monitor)
     return row
 
 
@@ -706,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     method = {"state_gb_per_replay": args.state_gb, "repeats": args.repeats, "min_ms": args.min_ms,
               "seed": args.seed, "timing": "CUDA-graph replay, cold L2; us per call"}
     found, status = implementations(gdn_nvrtc.gated_delta_rule_mtp, not args.no_peers, args.without)
+    monitor, monitor_status = gpu_state.open_monitor(torch.cuda.current_device())
     earlier: dict[tuple, Row] = {}
     if args.resume and json_path.exists():
         earlier_report = json.loads(json_path.read_text())
@@ -736,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_overhead": {"shape": HOST_SHAPE, "calls": HOST_CALLS, "batch": HOST_BATCH, "results": host,
                           "fast_signature_check": gdn_nvrtc.mtp.fast_signature_check()},
         "first_call": {"shape": HOST_SHAPE, **first_call},
+        "gpu_state": monitor_status,
         "resumed_points": 0,
         "complete": False,
         "wall_s": 0.0,
@@ -754,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         if resumed:
             report["resumed_points"] += 1
         else:
-            row = bench_point(mode, T, B, H, HV, found, status, bandwidth, args, generator)
+            row = bench_point(mode, T, B, H, HV, found, status, bandwidth, args, generator, monitor)
         rows.append(row)
         # Written after every point (atomically), so that a run that dies keeps what it measured.
         write_report(json_path, {**report, "wall_s": time.perf_counter() - began, "rows": [asdict(r) for r in rows]})
@@ -774,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host overhead, {HOST_CALLS} eager calls in batches of {HOST_BATCH} at B={HOST_SHAPE['B']} "
           f"T={HOST_SHAPE['T']}: {_host_line(host)}")
     print(f"first call in a fresh process (import + prebuilt T={HOST_SHAPE['T']}): {_first_call_line(first_call)}")
+    print(f"GPU state per timing (power, clock limiters): {monitor_status}")
     print(f"results: {json_path}" + (f", {plot_path}" if plotted else ""))
     for note in table_notes(rows):
         print(f"note: {note}")

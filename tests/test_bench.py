@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_mtp  # noqa: E402
+import gpu_state  # noqa: E402
 from bench_mtp import Row, Timing  # noqa: E402
 
 # Floors (us) published in PERF.md for H = 16, HV = 32 at the copy bandwidth measured on that card
@@ -190,10 +191,54 @@ def test_replay_samples_skip_a_warm_up_batch(monkeypatch):
     monkeypatch.setattr(bench_mtp, "_elapsed_ms", elapsed)
     monkeypatch.setattr(bench_mtp.torch.cuda, "synchronize", lambda: None)
     ran = []
-    samples = bench_mtp.replay_samples(lambda: ran.append(1), calls=4, repeats=3, min_ms=20.0)
+    samples, gpu = bench_mtp.replay_samples(lambda: ran.append(1), calls=4, repeats=3, min_ms=20.0)
     assert len(ran) == 2 and batches == [1, 400, 40, 40, 40]
     assert samples == pytest.approx([21.0 * 1e3 / 160, 20.0 * 1e3 / 160, 20.0 * 1e3 / 160])
+    assert gpu is None  # no monitor
     times = iter([50.0, 60.0, 120.0, 110.0])  # a replay longer than min_ms: two per sample, warm-up as long
     batches.clear()
-    assert bench_mtp.replay_samples(lambda: None, calls=1, repeats=2, min_ms=20.0) == pytest.approx([6e4, 5.5e4])
+    samples, _ = bench_mtp.replay_samples(lambda: None, calls=1, repeats=2, min_ms=20.0)
+    assert samples == pytest.approx([6e4, 5.5e4])
     assert batches == [1, 4, 2, 2]
+
+
+def test_replay_samples_read_the_monitor_around_warm_up_and_samples(monkeypatch):
+    """The GPU state covers the warm-up batch and the samples, not the calibration replay."""
+    events = []
+    times = iter([0.5, 200.0, 20.0, 20.0])
+
+    def elapsed(run, n):
+        events.append(("batch", n))
+        return next(times)
+
+    class Monitor:
+        def __init__(self):
+            self.count = 0
+
+        def read(self):
+            self.count += 1
+            events.append(("read", self.count))
+            # 0.3 s apart, 150 J, held by the power limit for 30 ms
+            return gpu_state.Reading(self.count * 300_000_000, 150_000 * self.count,
+                                     {"held_power": 30_000_000 * self.count, "held_thermal": 0,
+                                      "held_any": 30_000_000 * self.count}, 60)
+
+    monkeypatch.setattr(bench_mtp, "_elapsed_ms", elapsed)
+    monkeypatch.setattr(bench_mtp.torch.cuda, "synchronize", lambda: None)
+    samples, gpu = bench_mtp.replay_samples(lambda: None, calls=2, repeats=2, min_ms=20.0, monitor=Monitor())
+    assert events == [("batch", 1), ("read", 1), ("batch", 400), ("batch", 40), ("batch", 40), ("read", 2)]
+    assert samples == pytest.approx([250.0, 250.0])
+    assert gpu == pytest.approx({"interval_ms": 300.0, "power_w": 500.0, "held_power": 0.1, "held_thermal": 0.0,
+                                 "held_any": 0.1, "temperature_c": 60.0})
+
+
+def test_table_notes_name_the_timings_a_limiter_held_down():
+    held = {"interval_ms": 260.0, "power_w": 690.0, "held_power": 0.2, "held_any": 0.2}
+    calm = {"interval_ms": 260.0, "power_w": 400.0, "held_power": 0.0, "held_any": 0.01}
+    rows = [
+        Row("update", 8, 512, 16, 64, 1000.0, 1, 1, {"ours": Timing(1100.0, [1100.0], "graph", gpu=held),
+                                                     "flashinfer": Timing(2600.0, [2600.0], "graph", gpu=calm)}),
+        Row("update", 8, 8, 16, 64, 10.0, 1, 1, {"ours": Timing(12.0, [12.0], "graph")}),
+    ]
+    notes = bench_mtp.table_notes(rows)
+    assert notes == ["ours at update T=8 B=512 H=16 HV=64: clocks held down 20% of the time (power 20%) at 690 W"]
