@@ -159,18 +159,27 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def table_notes(rows: Sequence[Row]) -> list[str]:
-    """Why a cell is n/a or eager, once per implementation and reason; then each timing whose clocks a
-    limiter held down (gpu_state.held_note)."""
+    """Why a cell is n/a or eager, once per implementation and reason; then, per implementation, how many
+    of its timings a limiter held down (gpu_state.held_note) and the one held down the most."""
     notes: dict[str, set[str]] = {}
-    held: list[str] = []
+    monitored: dict[str, int] = {}
+    held: dict[str, list[tuple[float, str]]] = {}
     for row in rows:
         for name, timing in row.timings.items():
             if timing.note:
                 notes.setdefault(f"{name} ({timing.method})", set()).add(timing.note)
-            reason = gpu_state.held_note(timing.gpu)
-            if reason:
-                held.append(f"{name} at {row.mode} T={row.T} B={row.B} H={row.H} HV={row.HV}: {reason}")
-    return [f"{who}: {note}" for who, reasons in notes.items() for note in sorted(reasons)] + held
+            if timing.gpu:
+                monitored[name] = monitored.get(name, 0) + 1
+                reason = gpu_state.held_note(timing.gpu)
+                if reason:
+                    point = f"{row.mode} T={row.T} B={row.B} H={row.H} HV={row.HV}"
+                    held.setdefault(name, []).append((timing.gpu["held_any"], f"{point}: {reason}"))
+    lines = [f"{who}: {note}" for who, reasons in notes.items() for note in sorted(reasons)]
+    for name, timings in held.items():
+        most = max(timings)[1]
+        lines.append(f"{name}: clocks held down for {gpu_state.HELD_NOTE_FRACTION:.0%} or more of the interval at "
+                     f"{len(timings)} of {monitored[name]} timings (JSON: gpu); the most at {most}")
+    return lines
 
 
 # ---------------------------------------------------------------- GPU measurements

@@ -240,5 +240,8 @@ def test_table_notes_name_the_timings_a_limiter_held_down():
                                                      "flashinfer": Timing(2600.0, [2600.0], "graph", gpu=calm)}),
         Row("update", 8, 8, 16, 64, 10.0, 1, 1, {"ours": Timing(12.0, [12.0], "graph")}),
     ]
+    rows.append(Row("update", 8, 256, 16, 64, 500.0, 1, 1, {"ours": Timing(550.0, [550.0], "graph", gpu={
+        "interval_ms": 260.0, "power_w": 650.0, "held_power": 0.06, "held_any": 0.07})}))
     notes = bench_mtp.table_notes(rows)
-    assert notes == ["ours at update T=8 B=512 H=16 HV=64: clocks held down 20% of the time (power 20%) at 690 W"]
+    assert notes == ["ours: clocks held down for 5% or more of the interval at 2 of 2 timings (JSON: gpu); the most "
+                     "at update T=8 B=512 H=16 HV=64: clocks held down 20% of the time (power 20%) at 690 W"]
