@@ -19,6 +19,8 @@ with an intermediate_states_buffer) and scatter (one pool slot per token, vLLM-s
 The JSON is rewritten after every point ("complete": false until the grid is done), so a run that
 dies keeps what it measured; --resume continues it, or adds another grid to the same file, keeping
 the points already there (same card, method and peers; their floors keep the file's bandwidth).
+Each timing also keeps the GPU's mean power and how long its clocks were held down by a power or
+thermal limit over the point's warm-up and samples (`gpu`, from NVML: gpu_state.py).
 """
 
 from __future__ import annotations
