@@ -245,3 +245,35 @@ def test_table_notes_name_the_timings_a_limiter_held_down():
     notes = bench_mtp.table_notes(rows)
     assert notes == ["ours: clocks held down for 5% or more of the interval at 2 of 2 timings (JSON: gpu); the most "
                      "at update T=8 B=512 H=16 HV=64: clocks held down 20% of the time (power 20%) at 690 W"]
+
+
+def test_copy_bandwidth_is_the_highest_median_of_fresh_buffer_pairs(monkeypatch):
+    """Each pair of buffers gets its median of `repeats` copies (bytes read plus written), the cache is
+    emptied between pairs, and the floor's bandwidth is the highest median (a slow pair cannot lower it)."""
+    real_randn = bench_mtp.torch.randn
+    made, emptied = [], []
+    monkeypatch.setattr(bench_mtp.torch.cuda, "mem_get_info", lambda: (40 << 30, 80 << 30))
+    monkeypatch.setattr(bench_mtp.torch.cuda, "empty_cache", lambda: emptied.append(len(made)))
+    monkeypatch.setattr(bench_mtp.torch, "randn", lambda n, device: made.append(n) or real_randn(4))
+    # per pair: three timed copies (ms); the two untimed warm-up copies are not read
+    times = iter([1.0, 1.2, 1.1, 1.3, 1.2, 1.2, 1.0, 1.0, 2.0])
+    monkeypatch.setattr(bench_mtp, "_elapsed_ms", lambda run, n: next(times))
+    medians = bench_mtp.copy_medians(max_bytes=1 << 30, repeats=3, allocations=3)
+    nbytes = 1 << 30  # below a quarter of the free memory
+    assert made == [nbytes // 4] * 3 and emptied == [1, 2, 3]
+    assert medians == pytest.approx([2 * nbytes / 1.1e-3, 2 * nbytes / 1.2e-3, 2 * nbytes / 1.0e-3])
+    times = iter([1.0, 1.2, 1.1, 1.3, 1.2, 1.2, 1.0, 1.0, 2.0])
+    made.clear()
+    assert bench_mtp.copy_bandwidth(max_bytes=1 << 30, repeats=3, allocations=3) == pytest.approx(2 * nbytes / 1.0e-3)
+    monkeypatch.setattr(bench_mtp.torch.cuda, "mem_get_info", lambda: (2 << 30, 80 << 30))  # little free memory
+    times = iter([1.0] * 3)
+    made.clear()
+    bench_mtp.copy_medians(max_bytes=1 << 30, repeats=3, allocations=1)
+    assert made == [(2 << 30) // 4 // 16 * 16 // 4]
+
+
+@pytest.mark.gpu
+def test_copy_medians_on_the_gpu():
+    medians = bench_mtp.copy_medians(max_bytes=256 << 20, repeats=3, allocations=3)
+    assert len(medians) == 3
+    assert all(1e11 < median < 2e13 for median in medians)  # 0.1-20 TB/s: a plausible HBM copy
