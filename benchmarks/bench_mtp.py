@@ -63,7 +63,8 @@ HOST_SHAPE = {"B": 8, "T": 4, "H": 16, "HV": 32}  # host overhead and first call
 HOST_CALLS = 2000
 HOST_BATCH = 50  # calls per timed batch, far fewer than the launch queue holds
 COPY_BYTES = 2 << 30
-COPY_ALLOCATIONS = 5  # pairs of buffers the copy bandwidth is measured on (copy_medians)
+COPY_ALLOCATIONS = 5  # buffers the copy bandwidth is measured on (copy_medians)
+COPY_GAP = 3 << 20  # bytes between the copy's source and target (copy_medians)
 MEMORY_FRACTION = 0.6  # of free GPU memory a grid point may fill; the rest is for the peers' graph pools
 IMPLEMENTATIONS = ("ours", "flashinfer", "fla")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -190,27 +191,29 @@ def table_notes(rows: Sequence[Row]) -> list[str]:
 
 def copy_medians(max_bytes: int = COPY_BYTES, repeats: int = 10, allocations: int = COPY_ALLOCATIONS) -> list[float]:
     """Device-to-device copy bandwidth in bytes per second, counting bytes read plus bytes written: the
-    median of `repeats` copies on each of `allocations` pairs of buffers. The caching allocator gives
-    each pair's memory back to the driver before the next pair is allocated: on an H200 some pairs
-    copied about 11% slower than others in the same process (NOTES v52)."""
+    median of `repeats` copies on each of `allocations` fresh buffers. Source and target are two parts of
+    one buffer, the target COPY_GAP bytes after the source's end: two buffers exactly their size apart
+    (what two allocations of 2 GB usually are) copied 2-5% slower than at any gap of 1 MiB to 512 MiB on an
+    H200. The caching allocator gives each buffer's memory back to the driver before the next is made:
+    some allocations copied up to 11% slower than others in the same process (NOTES v52)."""
     medians = []
     for _ in range(allocations):
         free, _ = torch.cuda.mem_get_info()
         nbytes = min(max_bytes, free // 4) // 16 * 16
-        source = torch.randn(nbytes // 4, device="cuda")
-        target = torch.empty_like(source)
+        buffer = torch.randn((2 * nbytes + COPY_GAP) // 4, device="cuda")
+        source, target = buffer[: nbytes // 4], buffer[(nbytes + COPY_GAP) // 4 :]
         for _ in range(2):
             target.copy_(source)
         samples = [_elapsed_ms(partial(target.copy_, source), 1) for _ in range(repeats)]
         medians.append(2 * nbytes / (statistics.median(samples) * 1e-3))
-        del source, target
+        del buffer, source, target
         torch.cuda.empty_cache()
     return medians
 
 
 def copy_bandwidth(max_bytes: int = COPY_BYTES, repeats: int = 10, allocations: int = COPY_ALLOCATIONS) -> float:
-    """The floor's denominator: the highest of copy_medians, so that a pair of buffers that copied slowly
-    does not lower the floor's bandwidth (and the kernels' ratios to the floor with it)."""
+    """The floor's denominator: the highest of copy_medians, so that a buffer that copied slowly does not
+    lower the floor's bandwidth (and the kernels' ratios to the floor with it)."""
     return max(copy_medians(max_bytes, repeats, allocations))
 
 
@@ -773,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": today,
         "card": card,
         "copy_bandwidth_gbs": bandwidth / 1e9,
-        "copy_medians_gbs": copy_gbs,  # per pair of buffers (copy_medians); the highest is the floor's
+        "copy_medians_gbs": copy_gbs,  # per buffer (copy_medians); the highest is the floor's
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "driver": driver_version(),

@@ -247,29 +247,45 @@ def test_table_notes_name_the_timings_a_limiter_held_down():
                      "at update T=8 B=512 H=16 HV=64: clocks held down 20% of the time (power 20%) at 690 W"]
 
 
-def test_copy_bandwidth_is_the_highest_median_of_fresh_buffer_pairs(monkeypatch):
-    """Each pair of buffers gets its median of `repeats` copies (bytes read plus written), the cache is
-    emptied between pairs, and the floor's bandwidth is the highest median (a slow pair cannot lower it)."""
+def test_copy_bandwidth_is_the_highest_median_of_fresh_buffers(monkeypatch):
+    """Each buffer gets its median of `repeats` copies (bytes read plus written) from its first part to a
+    part COPY_GAP bytes after it, the cache is emptied between buffers, and the floor's bandwidth is the
+    highest median (a slow buffer cannot lower it)."""
     real_randn = bench_mtp.torch.randn
-    made, emptied = [], []
+    made, emptied, copies = [], [], []
     monkeypatch.setattr(bench_mtp.torch.cuda, "mem_get_info", lambda: (40 << 30, 80 << 30))
     monkeypatch.setattr(bench_mtp.torch.cuda, "empty_cache", lambda: emptied.append(len(made)))
-    monkeypatch.setattr(bench_mtp.torch, "randn", lambda n, device: made.append(n) or real_randn(4))
-    # per pair: three timed copies (ms); the two untimed warm-up copies are not read
+
+    def randn(n, device):
+        made.append(n)
+        buffer = real_randn(n)
+        copies.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(bench_mtp.torch, "randn", randn)
+    # per buffer: three timed copies (ms); the two untimed warm-up copies are not read
     times = iter([1.0, 1.2, 1.1, 1.3, 1.2, 1.2, 1.0, 1.0, 2.0])
-    monkeypatch.setattr(bench_mtp, "_elapsed_ms", lambda run, n: next(times))
-    medians = bench_mtp.copy_medians(max_bytes=1 << 30, repeats=3, allocations=3)
-    nbytes = 1 << 30  # below a quarter of the free memory
-    assert made == [nbytes // 4] * 3 and emptied == [1, 2, 3]
+
+    def elapsed(run, n):
+        run()
+        return next(times)
+
+    monkeypatch.setattr(bench_mtp, "_elapsed_ms", elapsed)
+    nbytes = 1 << 20  # below a quarter of the free memory
+    medians = bench_mtp.copy_medians(max_bytes=nbytes, repeats=3, allocations=3)
+    assert made == [(2 * nbytes + bench_mtp.COPY_GAP) // 4] * 3 and emptied == [1, 2, 3]
     assert medians == pytest.approx([2 * nbytes / 1.1e-3, 2 * nbytes / 1.2e-3, 2 * nbytes / 1.0e-3])
+    n, gap = nbytes // 4, bench_mtp.COPY_GAP // 4
+    for buffer in copies:  # the source copied to the target, the gap between them left alone
+        assert bench_mtp.torch.equal(buffer[n + gap :], buffer[:n])
+        assert not bench_mtp.torch.equal(buffer[n : 2 * n], buffer[:n])
     times = iter([1.0, 1.2, 1.1, 1.3, 1.2, 1.2, 1.0, 1.0, 2.0])
-    made.clear()
-    assert bench_mtp.copy_bandwidth(max_bytes=1 << 30, repeats=3, allocations=3) == pytest.approx(2 * nbytes / 1.0e-3)
-    monkeypatch.setattr(bench_mtp.torch.cuda, "mem_get_info", lambda: (2 << 30, 80 << 30))  # little free memory
+    assert bench_mtp.copy_bandwidth(max_bytes=nbytes, repeats=3, allocations=3) == pytest.approx(2 * nbytes / 1.0e-3)
+    monkeypatch.setattr(bench_mtp.torch.cuda, "mem_get_info", lambda: (2 << 20, 80 << 30))  # little free memory
     times = iter([1.0] * 3)
     made.clear()
-    bench_mtp.copy_medians(max_bytes=1 << 30, repeats=3, allocations=1)
-    assert made == [(2 << 30) // 4 // 16 * 16 // 4]
+    bench_mtp.copy_medians(max_bytes=nbytes, repeats=3, allocations=1)
+    assert made == [(2 * ((2 << 20) // 4 // 16 * 16) + bench_mtp.COPY_GAP) // 4]
 
 
 @pytest.mark.gpu
