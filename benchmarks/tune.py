@@ -71,8 +71,13 @@ VARIANTS = {
     "mma2w": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 0},  # the mma tiling with 2 warps (32 rows) per block
     "mma2w8": {"THREADS": 64, "MMA": 1, "MIN_BLOCKS": 8},  # ... at 128 registers (8 blocks per SM)
     "mma1w": {"THREADS": 32, "MMA": 1, "MIN_BLOCKS": 0},  # ... 1 warp (16 rows) per block
-    # the shipped choice with at most N blocks per SM: unused dynamic shared memory at launch
-    "cap3": {"CAP": 3}, "cap4": {"CAP": 4}, "cap5": {"CAP": 5}, "cap6": {"CAP": 6}, "cap8": {"CAP": 8},
+    # the shipped choice with at most N blocks per SM: unused dynamic shared memory at launch (never more
+    # blocks than the shipped launch allows: specs.blocks_per_sm_cap)
+    "cap2": {"CAP": 2}, "cap3": {"CAP": 3}, "cap4": {"CAP": 4}, "cap5": {"CAP": 5}, "cap6": {"CAP": 6},
+    "cap8": {"CAP": 8},
+    # the store tiling's per-token-state calls never capped at 4 blocks per SM (before v53), or capped from T = 5
+    "store_cap_never": {"specs.STORE_CAP_MIN_PAIRS_PER_SM": float("inf")},
+    "store_cap_t5": {"specs.STORE_CAP_FROM_TOKENS": 5},
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling
     "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early
@@ -143,6 +148,11 @@ VARIANTS = {
     # per-token states at T = 3-4 never on the narrow tiling (the store one), or on it up to 16 pairs per SM
     "narrow_states_never": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 0},
     "narrow_states_16": {"specs.NARROW_STATES_MAX_PAIRS_PER_SM": 16},
+    # the shipped choice with one row per thread (the store tiling: 8 rows, 4 KB of state per block), alone
+    # and with at most N blocks per SM (fewer state bytes in flight per SM)
+    "rpt1": {"ROWS_PER_THREAD": 1},
+    "rpt1_cap4": {"ROWS_PER_THREAD": 1, "CAP": 4},
+    "rpt1_cap6": {"ROWS_PER_THREAD": 1, "CAP": 6},
     "base": variant(),
     "rpt2": variant(rows_per_thread=2),
     "epl16": variant(elems_per_lane=16),

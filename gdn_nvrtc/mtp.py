@@ -34,6 +34,7 @@ from .specs import (
     PARAM_STRUCT_FORMAT,
     SCALAR_DTYPE_CODES,
     SUPPORTED_HEAD_DIMS,
+    blocks_per_sm_cap,
     choose_spec,
     prefetch_state,
     start_delay,
@@ -345,9 +346,9 @@ def _make_plan(
     flags = FLAGS["L2NORM"] if use_qk_l2norm else 0
     shared_bytes = 0
     if kernel is not None:
-        if spec.max_blocks_per_sm:
-            shared_bytes = driver.shared_bytes_for_at_most(
-                kernel, spec.threads_per_block, device.index, spec.max_blocks_per_sm)
+        cap = blocks_per_sm_cap(spec, batch_heads=B * HV, sm_count=_sm_count(device.index))
+        if cap:
+            shared_bytes = driver.shared_bytes_for_at_most(kernel, spec.threads_per_block, device.index, cap)
         wave = driver.blocks_per_sm(kernel, spec.threads_per_block, device.index, shared_bytes) * _sm_count(
             device.index)
         if start_delays and start_delay_applies(spec, writes_states=writes_states):

@@ -18,6 +18,9 @@ from gdn_nvrtc.specs import (
     PREBUILT_HEAD_DIM,
     PREBUILT_TOKENS,
     STAGED_MIN_PAIRS_PER_SM,
+    STORE_CAP_BLOCKS,
+    STORE_CAP_FROM_TOKENS,
+    STORE_CAP_MIN_PAIRS_PER_SM,
     TILING_NAMES,
     KernelSpec,
     prefetch_state,
@@ -273,6 +276,32 @@ def test_staged_tiling_chosen_for_large_state_grids(mode, dtype):
     assert spec.tiling_name == "staged" and spec.states_bulk
     (plan,) = mtp._plans.values()
     assert plan.launch.function is driver.kernel(spec)
+
+
+@pytest.mark.parametrize(("T", "mode", "dtype"), [
+    (STORE_CAP_FROM_TOKENS, "buffer", torch.bfloat16), (7, "scatter", torch.float16), (8, "buffer", torch.float16),
+])
+def test_store_tiling_capped_on_large_state_grids(T, mode, dtype):
+    """Per-token states on the store tiling from STORE_CAP_FROM_TOKENS on a grid of STORE_CAP_MIN_PAIRS_PER_SM
+    (b, hv) pairs per SM and more: launched with at most STORE_CAP_BLOCKS blocks per SM (unused dynamic shared
+    memory), with padding rows and skipped scatter slots; every output and state is checked."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, HV = 4, 8
+    B = math.ceil(STORE_CAP_MIN_PAIRS_PER_SM * sms / HV) + 1
+    pool_size = B * (T + 1) + 3
+    generator = torch.Generator().manual_seed(4000 + 10 * T + MODES.index(mode))
+    inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size, generator=generator)
+    inputs["initial_state_indices"][[1, B // 3]] = -1
+    mtp.forget_plans()
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+    spec = mtp.choose_spec(128, 128, T, "bf16" if dtype == torch.bfloat16 else "fp16", "fp32",
+                           writes_states=True, batch_heads=B * HV, sm_count=sms)
+    assert spec.tiling_name == "store"
+    (plan,) = mtp._plans.values()
+    assert plan.launch.function is driver.kernel(spec) and plan.launch.shared_bytes > 0
+    assert driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0) > STORE_CAP_BLOCKS
+    per_sm = driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0, plan.launch.shared_bytes)
+    assert per_sm == STORE_CAP_BLOCKS
 
 
 @pytest.mark.parametrize("H,HV", [(1, 1), (8, 8), (2, 16), (3, 12), (5, 40)])

@@ -1,3 +1,4 @@
+import math
 import struct
 
 import pytest
@@ -12,9 +13,13 @@ from gdn_nvrtc.specs import (
     PARAM_STRUCT_FORMAT,
     PREBUILT_SPECS,
     STAGGER_NS,
+    STORE_CAP_BLOCKS,
+    STORE_CAP_FROM_TOKENS,
+    STORE_CAP_MIN_PAIRS_PER_SM,
     SUPPORTED_HEAD_DIMS,
     TILING_NAMES,
     KernelSpec,
+    blocks_per_sm_cap,
     choose_spec,
     prefetch_state,
     start_delay,
@@ -249,6 +254,31 @@ def test_start_delay_policy():
         spec = KernelSpec(128, 128, T, "bf16", tiling_name="mma")
         assert not start_delay_applies(spec, writes_states=False)
         assert start_delay(spec, writes_states=False, grid=40 * wave, wave=wave) == (0, 0)
+
+
+def test_blocks_per_sm_cap_policy():
+    """The store tiling's calls from STORE_CAP_FROM_TOKENS on grids of STORE_CAP_MIN_PAIRS_PER_SM (b, hv)
+    pairs per SM or more run at most STORE_CAP_BLOCKS blocks per SM (at K = V = 128, where it was measured);
+    every other kernel keeps its tiling's MAX_BLOCKS (0: no cap)."""
+    assert 1 <= STORE_CAP_BLOCKS and 3 <= STORE_CAP_FROM_TOKENS <= MAX_TOKENS
+    edge = STORE_CAP_MIN_PAIRS_PER_SM * SMS
+    for T in range(1, MAX_TOKENS + 1):
+        for tiling in TILING_NAMES:
+            if tiling_for(T, tiling).get("MMA") and T > MMA_MAX_TOKENS:
+                continue
+            spec = KernelSpec(128, 128, T, "fp16", tiling_name=tiling)
+            for pairs in (1, int(edge) - 1, int(edge), math.ceil(edge), 40 * SMS, 400 * SMS):
+                capped = tiling == "store" and T >= STORE_CAP_FROM_TOKENS and pairs >= edge
+                expected = STORE_CAP_BLOCKS if capped else spec.max_blocks_per_sm
+                assert blocks_per_sm_cap(spec, batch_heads=pairs, sm_count=SMS) == expected, (T, tiling, pairs)
+    for K, V in [(64, 128), (128, 256), (256, 256)]:  # other head dims: not measured, not capped
+        spec = KernelSpec(K, V, 8, "bf16", tiling_name="store")
+        assert blocks_per_sm_cap(spec, batch_heads=400 * SMS, sm_count=SMS) == 0
+    # the calls it caps: per-token states on large grids, which the dispatcher gives the store tiling
+    spec = choose_spec(128, 128, 8, "bf16", "fp32", writes_states=True, batch_heads=64 * SMS, sm_count=SMS)
+    assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == STORE_CAP_BLOCKS
+    spec = choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=64 * SMS, sm_count=SMS)
+    assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == spec.max_blocks_per_sm
 
 
 def test_early_state_fetch_policy():
