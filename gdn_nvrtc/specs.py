@@ -198,13 +198,14 @@ STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 
 # Per-token states on the store tiling at T >= STORE_CAP_FROM_TOKENS on grids of at least
 # STORE_CAP_MIN_PAIRS_PER_SM (b, hv) pairs per SM: at most STORE_CAP_BLOCKS of its blocks per SM (7-8 fit by
-# its registers), launched with unused dynamic shared memory (blocks_per_sm_cap). A call that writes T + 1
-# states per state read is a write-heavy stream, and such streams moved more bytes per second with fewer bytes
-# in flight per SM (v53, H200: a contiguous 1 : 8 read : write copy at 0.91 of the copy bandwidth with 8
-# blocks of 4 KB per SM, 0.96 with 2). v53, H200, tune.py against the uncapped launch at K = V = 128: T = 6-8
-# buffer 0.4-2.0% faster, scatter 0.2-1.2% faster on 15.5-124 pairs per SM (H=16 HV=32 and 64, H=4 HV=8);
-# at 7.8 pairs per SM buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; T = 5 level to 1.6% slower and T = 4
-# 1.8% slower (buffer, 62 pairs per SM); at most 3 blocks per SM 3-12% slower, 5 or 6 gained less.
+# its registers), launched with unused dynamic shared memory (blocks_per_sm_cap). A call that writes T states
+# per state read is a write-heavy stream, and such streams moved more bytes per second with fewer bytes in
+# flight per SM (v53, H200, benchmarks/stream_mix.py: a contiguous 1 : 8 read : write stream at 0.91 of the
+# copy bandwidth with 8 blocks of 4 KB per SM, 0.95 with 2). v53, H200, tune.py against the uncapped launch at
+# K = V = 128: T = 6-8 buffer 0.4-2.0% faster, scatter level to 1.2% faster on 15.5-248 pairs per SM (H=16
+# HV=32 and 64, H=4 HV=8); at 7.8 pairs per SM buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; T = 5 0.6%
+# faster to 1.6% slower and T = 4 1.8% slower (buffer, 62 pairs per SM); at most 3 blocks per SM 3-12%
+# slower, 5 or 6 gained less.
 STORE_CAP_FROM_TOKENS = 6
 STORE_CAP_MIN_PAIRS_PER_SM = 12
 STORE_CAP_BLOCKS = 4
