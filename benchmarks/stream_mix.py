@@ -59,9 +59,9 @@ def target_chunk(c: int, w: int, writes: int, group: int) -> int:
 
 
 class Stream:
-    """stream_mix for one block size: call(buffer, reads, writes, nbytes, group, cap) moves nbytes (read plus
-    written) within `buffer` on torch's current stream: the source at its start, the target COPY_GAP bytes
-    after the source's end (or at its start when nothing is read)."""
+    """stream_mix for one block size: bind(buffer, reads, writes, nbytes, group, cap) gives a call that moves up
+    to nbytes (read plus written) within `buffer` on torch's current stream: the source at its start, the
+    target COPY_GAP bytes after the source's end (or at its start when nothing is read)."""
 
     def __init__(self, threads: int = THREADS, streaming_hint: bool = False) -> None:
         from gdn_nvrtc import driver
