@@ -75,9 +75,11 @@ VARIANTS = {
     # blocks than the shipped launch allows: specs.blocks_per_sm_cap)
     "cap2": {"CAP": 2}, "cap3": {"CAP": 3}, "cap4": {"CAP": 4}, "cap5": {"CAP": 5}, "cap6": {"CAP": 6},
     "cap8": {"CAP": 8},
-    # the store tiling's per-token-state calls never capped at 4 blocks per SM (before v53), or capped from T = 5
+    # the store tiling's per-token-state calls never capped (before v53), capped from T = 6 only (v53), or
+    # capped at 4 blocks per SM from T = 4
     "store_cap_never": {"specs.STORE_CAP_MIN_PAIRS_PER_SM": float("inf")},
-    "store_cap_t5": {"specs.STORE_CAP_FROM_TOKENS": 5},
+    "store_cap_t6": {"specs.STORE_CAP_FROM_TOKENS": 6},
+    "store_cap4_t4": {"specs.STORE_CAP_BLOCKS": {4: 4}},
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling
     "pf_never": {"specs.PREFETCH_STATE_MAX_WAVES": 0},  # specs.prefetch_state: no grid fetches its state early

@@ -52,8 +52,8 @@ PREBUILT_TOKENS = tuple(range(1, 9))
 #   store     buffer and scatter calls at T >= 3: fewer registers per thread, more blocks per SM,
 #             which suits a kernel that writes T + 1 states per state read. At T = 3-4 on grids of
 #             up to 8 (b, hv) pairs per SM the narrow tiling does that better (v30, H200: 12-16% at
-#             128 pairs, 2.5-5% at 256, 0-1.3% at 512-1024; at 4096 pairs it lost 0.8%). At T >= 6 on
-#             large grids its launch holds it to 4 blocks per SM (STORE_CAP_BLOCKS, v53).
+#             128 pairs, 2.5-5% at 256, 0-1.3% at 512-1024; at 4096 pairs it lost 0.8%). At T >= 4 on
+#             large grids its launch holds it to 4-5 blocks per SM (STORE_CAP_BLOCKS, v53-v54).
 #   mma       the token loop in chunk form with the state products on the tensor cores (fewer
 #             instructions per state element), 128 registers so that 4 blocks of 4 warps fit per SM.
 #             Update mode at T >= 7 on every grid, at T = 5-6 from 1/8 (b, hv) pair per SM, at T = 4
@@ -197,18 +197,26 @@ STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 
 
 # Per-token states on the store tiling at T >= STORE_CAP_FROM_TOKENS on grids of at least
-# STORE_CAP_MIN_PAIRS_PER_SM (b, hv) pairs per SM: at most STORE_CAP_BLOCKS of its blocks per SM (7-8 fit by
-# its registers), launched with unused dynamic shared memory (blocks_per_sm_cap). A call that writes T states
-# per state read is a write-heavy stream, and such streams moved more bytes per second with fewer bytes in
-# flight per SM (v53, H200, benchmarks/stream_mix.py: a contiguous 1 : 8 read : write stream at 0.91 of the
-# copy bandwidth with 8 blocks of 4 KB per SM, 0.95 with 2). v53, H200, tune.py against the uncapped launch at
-# K = V = 128: T = 6-8 buffer 0.4-2.0% faster, scatter level to 1.2% faster on 15.5-248 pairs per SM (H=16
-# HV=32 and 64, H=4 HV=8); at 7.8 pairs per SM buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; T = 5 0.6%
-# faster to 1.6% slower and T = 4 1.8% slower (buffer, 62 pairs per SM); at most 3 blocks per SM 3-12%
-# slower, 5 or 6 gained less.
-STORE_CAP_FROM_TOKENS = 6
+# STORE_CAP_MIN_PAIRS_PER_SM (b, hv) pairs per SM: at most store_cap_blocks(T) of its blocks per SM (7-8 fit by
+# its registers), launched with unused dynamic shared memory (blocks_per_sm_cap). STORE_CAP_BLOCKS maps the
+# first T of a band to its cap. A call that writes T states per state read is a write-heavy stream, and such
+# streams moved more bytes per second with fewer bytes in flight per SM (v53, H200, benchmarks/stream_mix.py: a
+# contiguous 1 : 8 read : write stream at 0.91 of the copy bandwidth with 8 blocks of 4 KB per SM, 0.95 with 2).
+# v53, H200, tune.py against the uncapped launch at K = V = 128: 4 blocks at T = 6-8 buffer 0.4-2.0% faster,
+# scatter level to 1.2% faster on 15.5-248 pairs per SM (H=16 HV=32 and 64, H=4 HV=8); at 7.8 pairs per SM
+# buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; at most 3 blocks per SM 3-12% slower, 5 or 6 gained less.
+# At T = 4-5, 4 blocks ranged from 0.6% faster to 1.8% slower, 5 blocks on 15.5-124 pairs per SM buffer
+# 0.9-1.5% faster and scatter level to 0.6% faster (two rounds); at T = 3, 5 blocks 0.3-0.8% slower (v53-v54).
+STORE_CAP_FROM_TOKENS = 4
 STORE_CAP_MIN_PAIRS_PER_SM = 12
-STORE_CAP_BLOCKS = 4
+STORE_CAP_BLOCKS = {STORE_CAP_FROM_TOKENS: 5, 6: 4}
+
+
+def store_cap_blocks(num_tokens: int) -> int:
+    """The store tiling's cap on blocks per SM at T = num_tokens on large grids (0: none below
+    STORE_CAP_FROM_TOKENS): the entry of STORE_CAP_BLOCKS whose band holds T."""
+    bands = [first for first in STORE_CAP_BLOCKS if first <= num_tokens and first >= STORE_CAP_FROM_TOKENS]
+    return STORE_CAP_BLOCKS[max(bands)] if bands else 0
 
 
 # The tilings that do not depend on T (wide does, through WIDE_TILINGS).
@@ -462,12 +470,12 @@ def choose_spec(
 
 def blocks_per_sm_cap(spec: KernelSpec, *, batch_heads: int, sm_count: int) -> int:
     """At most this many blocks of the kernel per SM for a grid of batch_heads (b, hv) pairs (0: as many as
-    fit): the tiling's MAX_BLOCKS, or STORE_CAP_BLOCKS for the store tiling's long calls on large grids (at
-    the head dims it was measured at)."""
-    if (spec.tiling_name == "store" and spec.num_tokens >= STORE_CAP_FROM_TOKENS
+    fit): the tiling's MAX_BLOCKS, or store_cap_blocks(T) for the store tiling's calls from
+    STORE_CAP_FROM_TOKENS on large grids (at the head dims it was measured at)."""
+    if (spec.tiling_name == "store" and store_cap_blocks(spec.num_tokens)
             and spec.head_dim_k == spec.head_dim_v == PREBUILT_HEAD_DIM
             and batch_heads >= STORE_CAP_MIN_PAIRS_PER_SM * sm_count):
-        return STORE_CAP_BLOCKS
+        return store_cap_blocks(spec.num_tokens)
     return spec.max_blocks_per_sm
 
 

@@ -18,12 +18,12 @@ from gdn_nvrtc.specs import (
     PREBUILT_HEAD_DIM,
     PREBUILT_TOKENS,
     STAGED_MIN_PAIRS_PER_SM,
-    STORE_CAP_BLOCKS,
     STORE_CAP_FROM_TOKENS,
     STORE_CAP_MIN_PAIRS_PER_SM,
     TILING_NAMES,
     KernelSpec,
     prefetch_state,
+    store_cap_blocks,
     tiling_for,
 )
 
@@ -279,11 +279,12 @@ def test_staged_tiling_chosen_for_large_state_grids(mode, dtype):
 
 
 @pytest.mark.parametrize(("T", "mode", "dtype"), [
-    (STORE_CAP_FROM_TOKENS, "buffer", torch.bfloat16), (7, "scatter", torch.float16), (8, "buffer", torch.float16),
+    (STORE_CAP_FROM_TOKENS, "buffer", torch.bfloat16), (5, "scatter", torch.bfloat16), (6, "buffer", torch.bfloat16),
+    (7, "scatter", torch.float16), (8, "buffer", torch.float16),
 ])
 def test_store_tiling_capped_on_large_state_grids(T, mode, dtype):
     """Per-token states on the store tiling from STORE_CAP_FROM_TOKENS on a grid of STORE_CAP_MIN_PAIRS_PER_SM
-    (b, hv) pairs per SM and more: launched with at most STORE_CAP_BLOCKS blocks per SM (unused dynamic shared
+    (b, hv) pairs per SM and more: launched with at most store_cap_blocks(T) blocks per SM (unused dynamic shared
     memory), with padding rows and skipped scatter slots; every output and state is checked."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     H, HV = 4, 8
@@ -299,9 +300,10 @@ def test_store_tiling_capped_on_large_state_grids(T, mode, dtype):
     assert spec.tiling_name == "store"
     (plan,) = mtp._plans.values()
     assert plan.launch.function is driver.kernel(spec) and plan.launch.shared_bytes > 0
-    assert driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0) > STORE_CAP_BLOCKS
+    cap = store_cap_blocks(T)
+    assert cap and driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0) > cap
     per_sm = driver.blocks_per_sm(plan.launch.function, spec.threads_per_block, 0, plan.launch.shared_bytes)
-    assert per_sm == STORE_CAP_BLOCKS
+    assert per_sm == cap
 
 
 @pytest.mark.parametrize("H,HV", [(1, 1), (8, 8), (2, 16), (3, 12), (5, 40)])

@@ -24,6 +24,7 @@ from gdn_nvrtc.specs import (
     prefetch_state,
     start_delay,
     start_delay_applies,
+    store_cap_blocks,
     tiling_for,
 )
 
@@ -258,9 +259,10 @@ def test_start_delay_policy():
 
 def test_blocks_per_sm_cap_policy():
     """The store tiling's calls from STORE_CAP_FROM_TOKENS on grids of STORE_CAP_MIN_PAIRS_PER_SM (b, hv)
-    pairs per SM or more run at most STORE_CAP_BLOCKS blocks per SM (at K = V = 128, where it was measured);
-    every other kernel keeps its tiling's MAX_BLOCKS (0: no cap)."""
-    assert 1 <= STORE_CAP_BLOCKS and 3 <= STORE_CAP_FROM_TOKENS <= MAX_TOKENS
+    pairs per SM or more run at most 5 blocks per SM at T = 4-5 and 4 from T = 6 (at K = V = 128, where it
+    was measured); every other kernel keeps its tiling's MAX_BLOCKS (0: no cap)."""
+    assert STORE_CAP_FROM_TOKENS == min(STORE_CAP_BLOCKS) == 4
+    assert [store_cap_blocks(T) for T in range(1, MAX_TOKENS + 1)] == [0, 0, 0, 5, 5] + [4] * (MAX_TOKENS - 5)
     edge = STORE_CAP_MIN_PAIRS_PER_SM * SMS
     for T in range(1, MAX_TOKENS + 1):
         for tiling in TILING_NAMES:
@@ -268,17 +270,22 @@ def test_blocks_per_sm_cap_policy():
                 continue
             spec = KernelSpec(128, 128, T, "fp16", tiling_name=tiling)
             for pairs in (1, int(edge) - 1, int(edge), math.ceil(edge), 40 * SMS, 400 * SMS):
-                capped = tiling == "store" and T >= STORE_CAP_FROM_TOKENS and pairs >= edge
-                expected = STORE_CAP_BLOCKS if capped else spec.max_blocks_per_sm
+                capped = tiling == "store" and T >= 4 and pairs >= edge
+                expected = (5 if T <= 5 else 4) if capped else spec.max_blocks_per_sm
                 assert blocks_per_sm_cap(spec, batch_heads=pairs, sm_count=SMS) == expected, (T, tiling, pairs)
+                if capped:  # a cap below what fits by registers, or it would not change the launch
+                    assert spec.max_blocks_per_sm == 0
     for K, V in [(64, 128), (128, 256), (256, 256)]:  # other head dims: not measured, not capped
-        spec = KernelSpec(K, V, 8, "bf16", tiling_name="store")
-        assert blocks_per_sm_cap(spec, batch_heads=400 * SMS, sm_count=SMS) == 0
+        for T in (4, 8):
+            spec = KernelSpec(K, V, T, "bf16", tiling_name="store")
+            assert blocks_per_sm_cap(spec, batch_heads=400 * SMS, sm_count=SMS) == 0
     # the calls it caps: per-token states on large grids, which the dispatcher gives the store tiling
-    spec = choose_spec(128, 128, 8, "bf16", "fp32", writes_states=True, batch_heads=64 * SMS, sm_count=SMS)
-    assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == STORE_CAP_BLOCKS
-    spec = choose_spec(128, 128, 8, "bf16", "fp32", writes_states=False, batch_heads=64 * SMS, sm_count=SMS)
-    assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == spec.max_blocks_per_sm
+    for T, cap in [(4, 5), (5, 5), (8, 4)]:
+        spec = choose_spec(128, 128, T, "bf16", "fp32", writes_states=True, batch_heads=64 * SMS, sm_count=SMS)
+        assert spec.tiling_name == "store"
+        assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == cap
+        spec = choose_spec(128, 128, T, "bf16", "fp32", writes_states=False, batch_heads=64 * SMS, sm_count=SMS)
+        assert blocks_per_sm_cap(spec, batch_heads=64 * SMS, sm_count=SMS) == spec.max_blocks_per_sm
 
 
 def test_early_state_fetch_policy():
