@@ -78,7 +78,7 @@ VARIANTS = {
     # the store tiling's per-token-state calls never capped (before v53), capped from T = 6 only (v53), or
     # capped at 4 blocks per SM from T = 4
     "store_cap_never": {"specs.STORE_CAP_MIN_PAIRS_PER_SM": float("inf")},
-    "store_cap_t6": {"specs.STORE_CAP_FROM_TOKENS": 6},
+    "store_cap_t6": {"specs.STORE_CAP_BLOCKS": {6: 4}},
     "store_cap4_t4": {"specs.STORE_CAP_BLOCKS": {4: 4}},
     # "specs.NAME": value sets a constant of gdn_nvrtc.specs for the variant (the start-delay policy)
     "slim_never": {"specs.SLIM_FROM_TOKENS": 99},  # specs.choose_spec without the slim tiling

@@ -207,15 +207,15 @@ STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 # buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; at most 3 blocks per SM 3-12% slower, 5 or 6 gained less.
 # At T = 4-5, 4 blocks ranged from 0.6% faster to 1.8% slower, 5 blocks on 15.5-124 pairs per SM buffer
 # 0.9-1.5% faster and scatter level to 0.6% faster (two rounds); at T = 3, 5 blocks 0.3-0.8% slower (v53-v54).
-STORE_CAP_FROM_TOKENS = 4
+STORE_CAP_BLOCKS = {4: 5, 6: 4}
+STORE_CAP_FROM_TOKENS = min(STORE_CAP_BLOCKS)
 STORE_CAP_MIN_PAIRS_PER_SM = 12
-STORE_CAP_BLOCKS = {STORE_CAP_FROM_TOKENS: 5, 6: 4}
 
 
 def store_cap_blocks(num_tokens: int) -> int:
-    """The store tiling's cap on blocks per SM at T = num_tokens on large grids (0: none below
-    STORE_CAP_FROM_TOKENS): the entry of STORE_CAP_BLOCKS whose band holds T."""
-    bands = [first for first in STORE_CAP_BLOCKS if first <= num_tokens and first >= STORE_CAP_FROM_TOKENS]
+    """The store tiling's cap on blocks per SM at T = num_tokens on large grids (0: none below the first
+    band): the entry of STORE_CAP_BLOCKS whose band holds T."""
+    bands = [first for first in STORE_CAP_BLOCKS if first <= num_tokens]
     return STORE_CAP_BLOCKS[max(bands)] if bands else 0
 
 
@@ -470,12 +470,12 @@ def choose_spec(
 
 def blocks_per_sm_cap(spec: KernelSpec, *, batch_heads: int, sm_count: int) -> int:
     """At most this many blocks of the kernel per SM for a grid of batch_heads (b, hv) pairs (0: as many as
-    fit): the tiling's MAX_BLOCKS, or store_cap_blocks(T) for the store tiling's calls from
-    STORE_CAP_FROM_TOKENS on large grids (at the head dims it was measured at)."""
-    if (spec.tiling_name == "store" and store_cap_blocks(spec.num_tokens)
-            and spec.head_dim_k == spec.head_dim_v == PREBUILT_HEAD_DIM
+    fit): the tiling's MAX_BLOCKS, or store_cap_blocks(T) for the store tiling's calls on large grids (at
+    the head dims it was measured at)."""
+    cap = store_cap_blocks(spec.num_tokens) if spec.tiling_name == "store" else 0
+    if (cap and spec.head_dim_k == spec.head_dim_v == PREBUILT_HEAD_DIM
             and batch_heads >= STORE_CAP_MIN_PAIRS_PER_SM * sm_count):
-        return store_cap_blocks(spec.num_tokens)
+        return cap
     return spec.max_blocks_per_sm
 
 
