@@ -297,12 +297,19 @@ def pool_slots_per_call(mode: str, B: int, T: int) -> int:
     return B * (1 + T) if mode == "scatter" else B
 
 
-def build_calls(mode: str, B: int, T: int, H: int, HV: int, R: int, generator: torch.Generator) -> list[dict[str, Any]]:
-    """Arguments of R calls that share one pool but nothing else: own inputs, slots, buffers and scatter slots."""
+def build_calls(
+    mode: str, B: int, T: int, H: int, HV: int, R: int, generator: torch.Generator, *, sequential_slots: bool = False,
+) -> list[dict[str, Any]]:
+    """Arguments of R calls that share one pool but nothing else: own inputs, slots, buffers and scatter slots.
+    The calls' slots are a random permutation of the pool's (the bench's), or with sequential_slots the pool's
+    slots in order (call r's read slots r * n .. r * n + B - 1, then its scatter slots, n slots per call)."""
     cuda = torch.device("cuda")
     slots_per_call = pool_slots_per_call(mode, B, T)
     pool = torch.randn(R * slots_per_call, HV, V, K, device=cuda, generator=generator).mul_(0.1)
-    slots = torch.rand(pool.shape[0], device=cuda, generator=generator).argsort().to(torch.int32)  # a permutation
+    if sequential_slots:
+        slots = torch.arange(pool.shape[0], device=cuda, dtype=torch.int32)
+    else:
+        slots = torch.rand(pool.shape[0], device=cuda, generator=generator).argsort().to(torch.int32)  # a permutation
     A_log = torch.log(1 + 15 * torch.rand(HV, device=cuda, generator=generator))
     dt_bias = torch.randn(HV, device=cuda, generator=generator)
 

@@ -52,6 +52,9 @@ MOVER_VARIANTS: dict[str, dict[str, int]] = {
     "rows4": {"MOVE_ROWS": 4}, "rows8": {"MOVE_ROWS": 8}, "rows16": {"MOVE_ROWS": 16}, "rows64": {"MOVE_ROWS": 64},
     "hold1us": {"MOVE_HOLD_NS": 1000}, "hold3us": {"MOVE_HOLD_NS": 3000},
     "occ4": {"MOVE_PAD_KB": 46}, "occ8": {"MOVE_PAD_KB": 26},  # at most 4 / 8 blocks per SM
+    # one line of each slot row of the block this many blocks later, asked of L2 early (its translations)
+    "ahead512": {"MOVE_AHEAD": 512}, "ahead1k": {"MOVE_AHEAD": 1024}, "ahead2k": {"MOVE_AHEAD": 2048},
+    "ahead4k": {"MOVE_AHEAD": 4096},
 }
 COPY = "copy"
 
@@ -149,6 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--movers", nargs="+", type=_mover_name, default=["plain"],
                         help=f"mover variants to time (see move_states.cu), joined by '+' to combine: "
                              f"{', '.join(MOVER_VARIANTS)}; {COPY}: torch's copy, update mode only")
+    parser.add_argument("--slots", choices=["random", "sequential"], default="random",
+                        help="the calls' pool slots: a random permutation (the bench's) or the pool's in order")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-ms", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     movers: dict[tuple[int, str], Mover] = {}
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     rows = []
-    print(f"{card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; flashinfer: {peer_status}")
+    print(f"{card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; flashinfer: {peer_status}; {args.slots} slots")
     print("us per call (x floor), CUDA-graph replay, cold L2; move = move_states.cu on the same arguments")
     print(f"{'mode':8} {'T':>2} {'B':>4} {'H':>3} {'HV':>3} {'floor':>8} "
           + " ".join(f"{'move' if n == 'plain' else n:>16}" for n in args.movers) + " "
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
         budget = bench_mtp.MEMORY_FRACTION * torch.cuda.mem_get_info()[0]
         R = bench_mtp.calls_per_replay(bench_mtp.footprint_bytes(mode, B, T, H, HV), 1e9, budget)
-        calls = bench_mtp.build_calls(mode, B, T, H, HV, R, generator)
+        calls = bench_mtp.build_calls(mode, B, T, H, HV, R, generator, sequential_slots=args.slots == "sequential")
         times = {}
         for name in args.movers:
             key = "move" if name == "plain" else f"move_{name}"
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "card": card, "copy_bandwidth_gbs": bandwidth / 1e9,
             "flashinfer": peer_status, "gdn_nvrtc": gdn_nvrtc.__version__,
-            "method": {"repeats": args.repeats, "min_ms": args.min_ms, "seed": args.seed,
+            "method": {"repeats": args.repeats, "min_ms": args.min_ms, "seed": args.seed, "slots": args.slots,
                        "timing": "CUDA-graph replay, cold L2; us per call"},
             "rows": rows,
         }, indent=1) + "\n")

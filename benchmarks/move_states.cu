@@ -14,6 +14,9 @@
 //   MOVE_PAD_KB   unused shared memory per block, to cap the blocks per SM (default 0);
 //   MOVE_LPR   0 (default): a warp's access is 512 contiguous bytes; N: the kernel's scalar layout, N
 //              lanes per V-row, so one access of a warp is 32 / N rows' N * 16 contiguous bytes each.
+//   MOVE_AHEAD 0 (default); N: once its loads are issued, a block asks L2 for one line of each slot row
+//              that block blockIdx.x + N will read and write (its read slot, and in scatter mode its T
+//              scatter slots), so that their address translations are made before that block starts.
 // Pool and buffer are contiguous fp32: pool [pool_size, HV, V, K], buffer [B, T, HV, V, K].
 
 typedef unsigned long long u64;
@@ -39,6 +42,9 @@ typedef long long i64;
 #endif
 #ifndef MOVE_LPR
 #define MOVE_LPR 0
+#endif
+#ifndef MOVE_AHEAD
+#define MOVE_AHEAD 0
 #endif
 
 constexpr int T = MOVE_TOKENS;
@@ -128,6 +134,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) move_states(const __grid_c
     float4 x[CHUNKS];
 #pragma unroll
     for (int j = 0; j < CHUNKS; ++j) x[j] = load4(src + chunk_index(tid, j));
+#if MOVE_AHEAD
+    const i64 ahead = (i64)blockIdx.x + MOVE_AHEAD;
+    if (ahead < (i64)gridDim.x && tid <= (p.mode == MODE_SCATTER ? T : 0)) {
+        const i64 ahead_bh = ahead / TILES, ahead_hv = ahead_bh % p.HV, ahead_b = ahead_bh / p.HV;
+        const i64 slot = tid == 0 ? ((const int*)p.read_slots)[ahead_b] : ((const int*)p.scatter_slots)[ahead_b * T + tid - 1];
+        if (slot >= 0 && slot < p.pool_size) {
+            const float* line = (const float*)p.pool + slot * p.HV * V * K + (ahead_hv * V + (ahead % TILES) * ROWS) * (i64)K;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+        }
+    }
+#endif
 #if MOVE_PAD_KB
     __shared__ float pad_s[MOVE_PAD_KB * 256];
     if (p.mode < 0) ((volatile float*)pad_s)[tid] = x[0].x;  // never true: keeps the allocation

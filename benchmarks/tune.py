@@ -144,6 +144,12 @@ VARIANTS = {
     "bulk_min_8": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(8)},
     "bulk_v48": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(12, range(3, 9))},
     "bulk_min_8_all": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(8, range(1, 9))},  # ... from 8 at every T
+    # update calls at T = 3-8 never on the bulk form (the mma tiling there), or on the twin forms instead (v55)
+    "bulk_never_big": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(float("inf"))},
+    "twin_big": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(float("inf")), "MMA_ONLY": True, "TWO_TILES": 1,
+                 "MIN_BLOCKS": 3},
+    "twin4_big": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(float("inf")), "MMA_ONLY": True, "TWO_TILES": 1,
+                  "MIN_BLOCKS": 4},
     # the twin4 tiling's grids (3.3-4 pairs per SM) on the bulk form instead
     "twin4_as_bulk": {"specs.TWIN4_PAIRS_PER_SM": (0, 0), "specs.TWIN4_LONG_PAIRS_PER_SM": (0, 0),
                       "specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(3.3)},

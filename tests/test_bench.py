@@ -293,3 +293,21 @@ def test_copy_medians_on_the_gpu():
     medians = bench_mtp.copy_medians(max_bytes=256 << 20, repeats=3, allocations=3)
     assert len(medians) == 3
     assert all(1e11 < median < 2e13 for median in medians)  # 0.1-20 TB/s: a plausible HBM copy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calls_own_disjoint_slots_in_either_order(sequential):
+    import torch
+
+    B, T, R = 3, 2, 4
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    calls = bench_mtp.build_calls("scatter", B, T, 2, 4, R, generator, sequential_slots=sequential)
+    per_call = bench_mtp.pool_slots_per_call("scatter", B, T)
+    assert calls[0]["initial_state"].shape[0] == R * per_call
+    owned = [torch.cat([kw["initial_state_indices"], kw["ssm_state_indices"].flatten()]).tolist() for kw in calls]
+    assert sorted(sum(owned, [])) == list(range(R * per_call))  # every slot once, over all calls
+    if sequential:
+        assert owned == [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]
+    else:
+        assert owned != [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]

@@ -29,7 +29,8 @@ def test_mover_variants_compile(variant):
 def test_arguments():
     args = ceiling.parse_args(["--modes", "scatter", "--T", "2", "4", "--B", "256", "--heads", "4,8"])
     assert (args.modes, args.T, args.B, args.heads) == (["scatter"], [2, 4], [256], [(4, 8)])
-    assert args.movers == ["plain"]
+    assert args.movers == ["plain"] and args.slots == "random"
+    assert ceiling.parse_args(["--slots", "sequential"]).slots == "sequential"
     movers = ["plain", "st_bulk", "rows8+st_bulk", "copy"]
     assert ceiling.parse_args(["--movers", *movers]).movers == movers
     assert ceiling.mover_variant("rows8+st_bulk") == {"MOVE_ROWS": 8, "MOVE_ST": 4}
@@ -39,11 +40,14 @@ def test_arguments():
         ceiling.parse_args(["--movers", "fastest"])
     with pytest.raises(SystemExit):
         ceiling.parse_args(["--movers", "rows8+copy"])
+    with pytest.raises(SystemExit):
+        ceiling.parse_args(["--slots", "shuffled"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["plain", "nowait", "ld_nc", "st_cs", "ef", "st_bulk", "rows4+st_bulk", "rows64",
-                                     "hold1us+occ4", "lpr4", "lpr16+st_bulk"])
+                                     "hold1us+occ4", "lpr4", "lpr16+st_bulk", "ahead512",
+                                     {"MOVE_AHEAD": 3}, {"MOVE_AHEAD": 1, "MOVE_ST": 4}])  # ahead of blocks in the grid
 @pytest.mark.parametrize("mode", ["buffer", "scatter"])  # update writes back what it read: no visible change
 def test_mover_writes_the_states_of_each_mode(mode, variant):
     B, T, H, HV, K = 5, 3, 2, 4, 128
@@ -61,7 +65,8 @@ def test_mover_writes_the_states_of_each_mode(mode, variant):
         inputs["ssm_state_indices"][3, 1] = pool_size  # out of range: skipped
     before = pool.clone()
 
-    call = ceiling.Mover(T, K, K, ceiling.mover_variant(variant)).bind(inputs)
+    macros = ceiling.mover_variant(variant) if isinstance(variant, str) else variant
+    call = ceiling.Mover(T, K, K, macros).bind(inputs)
     call()
     torch.cuda.synchronize()
 
