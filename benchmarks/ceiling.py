@@ -15,7 +15,8 @@ stores). The last column is ours over the first mover listed that was timed.
 --movers times variants of the mover beside the plain one (move_states.cu's macros: cache hints,
 rows per block, lanes per row, bulk stores, no wait at the start), and `copy`: torch's copy of the same number of
 state bytes from one contiguous region to another per call (update mode only), which is the floor's
-copy cut into calls of this size.
+copy cut into calls of this size. --slots sequential gives the calls the pool's slots in order instead of
+the bench's random permutation (NOTES v55: in update and scatter mode the order is worth 1-5%).
 """
 
 from __future__ import annotations

@@ -205,8 +205,10 @@ STAGED_TILING = {**NARROW_TILING, "STATES_BULK": 1}
 # v53, H200, tune.py against the uncapped launch at K = V = 128: 4 blocks at T = 6-8 buffer 0.4-2.0% faster,
 # scatter level to 1.2% faster on 15.5-248 pairs per SM (H=16 HV=32 and 64, H=4 HV=8); at 7.8 pairs per SM
 # buffer 0.3-0.7% faster, scatter 0.2-1.1% slower; at most 3 blocks per SM 3-12% slower, 5 or 6 gained less.
-# At T = 4-5, 4 blocks ranged from 0.6% faster to 1.8% slower, 5 blocks on 15.5-124 pairs per SM buffer
-# 0.9-1.5% faster and scatter level to 0.6% faster (two rounds); at T = 3, 5 blocks 0.3-0.8% slower (v53-v54).
+# At T = 4-5 against the uncapped launch (v53, two rounds, 15.5-124 pairs per SM): 4 blocks from 0.6% faster to
+# 1.8% slower, 5 blocks buffer 0.9-1.5% faster and scatter level to 0.6% faster; v54 (two rounds, 15.5-124 pairs
+# per SM), 5 blocks against it: buffer 0.4-0.9% faster, scatter 0.3-0.6% faster at HV = 32 and level to 0.4% slower
+# at H=4 HV=8, and 4 blocks at T = 4 1.7-3.1% slower than 5. At T = 3, 5 blocks 0.3-0.8% slower (v53).
 STORE_CAP_BLOCKS = {4: 5, 6: 4}
 STORE_CAP_FROM_TOKENS = min(STORE_CAP_BLOCKS)
 STORE_CAP_MIN_PAIRS_PER_SM = 12
