@@ -297,19 +297,36 @@ def pool_slots_per_call(mode: str, B: int, T: int) -> int:
     return B * (1 + T) if mode == "scatter" else B
 
 
+SLOT_ORDERS = ("random", "sequential", "pages")
+PAGE_BYTES = 2 << 20  # the GPU's large page
+
+
+def call_slots(count: int, slot_bytes: int, order: str, generator: torch.Generator) -> torch.Tensor:
+    """The order in which build_calls hands out `count` pool slots of slot_bytes each (int32, on the generator's
+    device): "random", a random permutation (the bench's); "sequential", the pool's order; "pages", runs of
+    consecutive slots that fill PAGE_BYTES (one slot where a slot is that large or larger), the runs in a random
+    order (which tells a per-page cost from a finer one, NOTES v55)."""
+    device = generator.device
+    if order == "sequential":
+        return torch.arange(count, device=device, dtype=torch.int32)
+    run = max(1, PAGE_BYTES // slot_bytes) if order == "pages" else 1
+    if order not in SLOT_ORDERS:
+        raise ValueError(f"slot order must be one of {SLOT_ORDERS}, got {order!r}")
+    runs = torch.rand(-(-count // run), device=device, generator=generator).argsort()  # a permutation of the runs
+    slots = (runs[:, None] * run + torch.arange(run, device=device)).flatten()
+    return slots[slots < count].to(torch.int32)
+
+
 def build_calls(
-    mode: str, B: int, T: int, H: int, HV: int, R: int, generator: torch.Generator, *, sequential_slots: bool = False,
+    mode: str, B: int, T: int, H: int, HV: int, R: int, generator: torch.Generator, *, slot_order: str = "random",
 ) -> list[dict[str, Any]]:
     """Arguments of R calls that share one pool but nothing else: own inputs, slots, buffers and scatter slots.
-    The calls' slots are a random permutation of the pool's (the bench's), or with sequential_slots the pool's
-    slots in order (call r's read slots r * n .. r * n + B - 1, then its scatter slots, n slots per call)."""
+    Call r takes the slots at r * n .. r * n + n - 1 of call_slots(slot_order) (n = pool_slots_per_call): its
+    B read slots, then in scatter mode its B * T scatter slots."""
     cuda = torch.device("cuda")
     slots_per_call = pool_slots_per_call(mode, B, T)
     pool = torch.randn(R * slots_per_call, HV, V, K, device=cuda, generator=generator).mul_(0.1)
-    if sequential_slots:
-        slots = torch.arange(pool.shape[0], device=cuda, dtype=torch.int32)
-    else:
-        slots = torch.rand(pool.shape[0], device=cuda, generator=generator).argsort().to(torch.int32)  # a permutation
+    slots = call_slots(pool.shape[0], pool[0].numel() * pool.element_size(), slot_order, generator)
     A_log = torch.log(1 + 15 * torch.rand(HV, device=cuda, generator=generator))
     dt_bias = torch.randn(HV, device=cuda, generator=generator)
 

@@ -16,7 +16,8 @@ stores). The last column is ours over the first mover listed that was timed.
 rows per block, lanes per row, bulk stores, no wait at the start), and `copy`: torch's copy of the same number of
 state bytes from one contiguous region to another per call (update mode only), which is the floor's
 copy cut into calls of this size. --slots sequential gives the calls the pool's slots in order instead of
-the bench's random permutation (NOTES v55: in update and scatter mode the order is worth 1-5%).
+the bench's random permutation (NOTES v55: in update and scatter mode the order is worth 1-5%), --slots
+pages runs of consecutive slots that fill 2 MB, in a random order.
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--movers", nargs="+", type=_mover_name, default=["plain"],
                         help=f"mover variants to time (see move_states.cu), joined by '+' to combine: "
                              f"{', '.join(MOVER_VARIANTS)}; {COPY}: torch's copy, update mode only")
-    parser.add_argument("--slots", choices=["random", "sequential"], default="random",
-                        help="the calls' pool slots: a random permutation (the bench's) or the pool's in order")
+    parser.add_argument("--slots", choices=bench_mtp.SLOT_ORDERS, default="random",
+                        help="the calls' pool slots: a random permutation (the bench's), the pool's order, or "
+                             "2 MB runs of consecutive slots in a random order (bench_mtp.call_slots)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-ms", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_us = bench_mtp.moved_bytes(mode, B, T, H, HV) / bandwidth * 1e6
         budget = bench_mtp.MEMORY_FRACTION * torch.cuda.mem_get_info()[0]
         R = bench_mtp.calls_per_replay(bench_mtp.footprint_bytes(mode, B, T, H, HV), 1e9, budget)
-        calls = bench_mtp.build_calls(mode, B, T, H, HV, R, generator, sequential_slots=args.slots == "sequential")
+        calls = bench_mtp.build_calls(mode, B, T, H, HV, R, generator, slot_order=args.slots)
         times = {}
         for name in args.movers:
             key = "move" if name == "plain" else f"move_{name}"

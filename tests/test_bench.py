@@ -295,19 +295,36 @@ def test_copy_medians_on_the_gpu():
     assert all(1e11 < median < 2e13 for median in medians)  # 0.1-20 TB/s: a plausible HBM copy
 
 
+def test_call_slots_orders():
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    assert bench_mtp.call_slots(6, 1 << 20, "sequential", generator).tolist() == list(range(6))
+    for order in ("random", "pages"):
+        slots = bench_mtp.call_slots(37, 512 << 10, order, generator)
+        assert slots.dtype == torch.int32 and sorted(slots.tolist()) == list(range(37))  # each slot once
+    # 512 KB slots: runs of 4 consecutive slots (one 2 MB page each), the short last run included
+    pages = bench_mtp.call_slots(37, 512 << 10, "pages", generator).tolist()
+    starts = [i for i, slot in enumerate(pages) if slot % 4 == 0]
+    runs = [list(range(pages[i], min(pages[i] + 4, 37))) for i in starts]
+    assert len(starts) == 10 and all(pages[i : i + len(run)] == run for i, run in zip(starts, runs, strict=True))
+    assert pages != list(range(37))
+    assert sorted(bench_mtp.call_slots(5, 4 << 20, "pages", generator).tolist()) == list(range(5))  # runs of one
+    with pytest.raises(ValueError, match="slot order"):
+        bench_mtp.call_slots(4, 1 << 20, "shuffled", generator)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("sequential", [False, True])
-def test_calls_own_disjoint_slots_in_either_order(sequential):
+@pytest.mark.parametrize("order", ["random", "sequential", "pages"])
+def test_calls_own_disjoint_slots_in_each_order(order):
     import torch
 
     B, T, R = 3, 2, 4
     generator = torch.Generator(device="cuda").manual_seed(5)
-    calls = bench_mtp.build_calls("scatter", B, T, 2, 4, R, generator, sequential_slots=sequential)
+    calls = bench_mtp.build_calls("scatter", B, T, 2, 4, R, generator, slot_order=order)
     per_call = bench_mtp.pool_slots_per_call("scatter", B, T)
     assert calls[0]["initial_state"].shape[0] == R * per_call
     owned = [torch.cat([kw["initial_state_indices"], kw["ssm_state_indices"].flatten()]).tolist() for kw in calls]
     assert sorted(sum(owned, [])) == list(range(R * per_call))  # every slot once, over all calls
-    if sequential:
-        assert owned == [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]
-    else:
-        assert owned != [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]
+    in_order = [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]
+    assert (owned == in_order) == (order == "sequential")

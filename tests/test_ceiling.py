@@ -31,6 +31,7 @@ def test_arguments():
     assert (args.modes, args.T, args.B, args.heads) == (["scatter"], [2, 4], [256], [(4, 8)])
     assert args.movers == ["plain"] and args.slots == "random"
     assert ceiling.parse_args(["--slots", "sequential"]).slots == "sequential"
+    assert ceiling.parse_args(["--slots", "pages"]).slots == "pages"
     movers = ["plain", "st_bulk", "rows8+st_bulk", "copy"]
     assert ceiling.parse_args(["--movers", *movers]).movers == movers
     assert ceiling.mover_variant("rows8+st_bulk") == {"MOVE_ROWS": 8, "MOVE_ST": 4}
