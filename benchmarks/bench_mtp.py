@@ -306,12 +306,12 @@ def call_slots(count: int, slot_bytes: int, order: str, generator: torch.Generat
     device): "random", a random permutation (the bench's); "sequential", the pool's order; "pages", runs of
     consecutive slots that fill PAGE_BYTES (one slot where a slot is that large or larger), the runs in a random
     order (which tells a per-page cost from a finer one, NOTES v55)."""
+    if order not in SLOT_ORDERS:
+        raise ValueError(f"slot order must be one of {SLOT_ORDERS}, got {order!r}")
     device = generator.device
     if order == "sequential":
         return torch.arange(count, device=device, dtype=torch.int32)
     run = max(1, PAGE_BYTES // slot_bytes) if order == "pages" else 1
-    if order not in SLOT_ORDERS:
-        raise ValueError(f"slot order must be one of {SLOT_ORDERS}, got {order!r}")
     runs = torch.rand(-(-count // run), device=device, generator=generator).argsort()  # a permutation of the runs
     slots = (runs[:, None] * run + torch.arange(run, device=device)).flatten()
     return slots[slots < count].to(torch.int32)
