@@ -297,24 +297,34 @@ def pool_slots_per_call(mode: str, B: int, T: int) -> int:
     return B * (1 + T) if mode == "scatter" else B
 
 
-SLOT_ORDERS = ("random", "sequential", "pages")
+SLOT_ORDERS = ("random", "sequential", "pages", "sorted")
 PAGE_BYTES = 2 << 20  # the GPU's large page
 
 
-def call_slots(count: int, slot_bytes: int, order: str, generator: torch.Generator) -> torch.Tensor:
+def call_slots(
+    count: int, slot_bytes: int, order: str, generator: torch.Generator, *, per_call: int = 1,
+) -> torch.Tensor:
     """The order in which build_calls hands out `count` pool slots of slot_bytes each (int32, on the generator's
     device): "random", a random permutation (the bench's); "sequential", the pool's order; "pages", runs of
     consecutive slots that fill PAGE_BYTES (one slot where a slot is that large or larger), the runs in a random
-    order (which tells a per-page cost from a finer one, NOTES v55)."""
+    order (which tells a per-page cost from a finer one, NOTES v55); "sorted", the random permutation with each
+    call's per_call slots in ascending order (the same scattered places, visited in address order: NOTES v56)."""
     if order not in SLOT_ORDERS:
         raise ValueError(f"slot order must be one of {SLOT_ORDERS}, got {order!r}")
+    if per_call < 1:
+        raise ValueError(f"per_call must be at least 1, got {per_call}")
     device = generator.device
     if order == "sequential":
         return torch.arange(count, device=device, dtype=torch.int32)
     run = max(1, PAGE_BYTES // slot_bytes) if order == "pages" else 1
     runs = torch.rand(-(-count // run), device=device, generator=generator).argsort()  # a permutation of the runs
     slots = (runs[:, None] * run + torch.arange(run, device=device)).flatten()
-    return slots[slots < count].to(torch.int32)
+    slots = slots[slots < count]
+    if order == "sorted":
+        whole = count - count % per_call
+        calls = slots[:whole].reshape(-1, per_call).sort(dim=1).values
+        slots = torch.cat((calls.flatten(), slots[whole:].sort().values))
+    return slots.to(torch.int32)
 
 
 def build_calls(
@@ -326,7 +336,8 @@ def build_calls(
     cuda = torch.device("cuda")
     slots_per_call = pool_slots_per_call(mode, B, T)
     pool = torch.randn(R * slots_per_call, HV, V, K, device=cuda, generator=generator).mul_(0.1)
-    slots = call_slots(pool.shape[0], pool[0].numel() * pool.element_size(), slot_order, generator)
+    slots = call_slots(pool.shape[0], pool[0].numel() * pool.element_size(), slot_order, generator,
+                       per_call=slots_per_call)
     A_log = torch.log(1 + 15 * torch.rand(HV, device=cuda, generator=generator))
     dt_bias = torch.randn(HV, device=cuda, generator=generator)
 

@@ -17,7 +17,8 @@ rows per block, lanes per row, bulk stores, no wait at the start), and `copy`: t
 state bytes from one contiguous region to another per call (update mode only), which is the floor's
 copy cut into calls of this size. --slots sequential gives the calls the pool's slots in order instead of
 the bench's random permutation (NOTES v55: in update and scatter mode the order is worth 1-5%), --slots
-pages runs of consecutive slots that fill 2 MB, in a random order.
+pages runs of consecutive slots that fill 2 MB, in a random order, --slots sorted the bench's random slots with
+each call's in ascending order.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"mover variants to time (see move_states.cu), joined by '+' to combine: "
                              f"{', '.join(MOVER_VARIANTS)}; {COPY}: torch's copy, update mode only")
     parser.add_argument("--slots", choices=bench_mtp.SLOT_ORDERS, default="random",
-                        help="the calls' pool slots: a random permutation (the bench's), the pool's order, or "
-                             "2 MB runs of consecutive slots in a random order (bench_mtp.call_slots)")
+                        help="the calls' pool slots: a random permutation (the bench's), the pool's order, "
+                             "2 MB runs of consecutive slots in a random order, or the random slots ascending "
+                             "within each call (bench_mtp.call_slots)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-ms", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)

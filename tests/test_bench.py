@@ -310,12 +310,19 @@ def test_call_slots_orders():
     assert len(starts) == 10 and all(pages[i : i + len(run)] == run for i, run in zip(starts, runs, strict=True))
     assert pages != list(range(37))
     assert sorted(bench_mtp.call_slots(5, 4 << 20, "pages", generator).tolist()) == list(range(5))  # runs of one
+    # sorted: the random permutation's slots (same draws), each call's 4 in ascending order, the short rest too
+    mixed = bench_mtp.call_slots(14, 1 << 20, "random", torch.Generator().manual_seed(9)).tolist()
+    ordered = bench_mtp.call_slots(14, 1 << 20, "sorted", torch.Generator().manual_seed(9), per_call=4).tolist()
+    assert ordered == sum((sorted(mixed[i : i + 4]) for i in range(0, 14, 4)), [])
+    assert ordered != sorted(ordered)
     with pytest.raises(ValueError, match="slot order"):
         bench_mtp.call_slots(4, 1 << 20, "shuffled", generator)
+    with pytest.raises(ValueError, match="per_call"):
+        bench_mtp.call_slots(4, 1 << 20, "sorted", generator, per_call=0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("order", ["random", "sequential", "pages"])
+@pytest.mark.parametrize("order", ["random", "sequential", "pages", "sorted"])
 def test_calls_own_disjoint_slots_in_each_order(order):
     import torch
 
@@ -328,3 +335,4 @@ def test_calls_own_disjoint_slots_in_each_order(order):
     assert sorted(sum(owned, [])) == list(range(R * per_call))  # every slot once, over all calls
     in_order = [list(range(r * per_call, (r + 1) * per_call)) for r in range(R)]
     assert (owned == in_order) == (order == "sequential")
+    assert all(own == sorted(own) for own in owned) == (order in ("sequential", "sorted"))
