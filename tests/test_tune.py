@@ -22,8 +22,6 @@ def test_variant_constants_exist():
 def test_variant_tiling_keys_are_known():
     known = {key for tiling in (*specs.FIXED_TILINGS.values(), *(t for _, t in specs.WIDE_TILINGS)) for key in tiling}
     known |= {"STORE_CS"} | LAUNCH_KEYS  # STORE_CS: set by specs.tiling_for
-    if hasattr(specs.KernelSpec, "early_fetch_blocks"):  # read from the tiling, set by tune.py's variants only
-        known.add("EARLY_FETCH_BLOCKS")
     unknown = {(name, key) for name, fixed in tune.VARIANTS.items() for key in fixed or {}
                if "." not in key and key not in known}
     assert not unknown
