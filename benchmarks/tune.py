@@ -151,10 +151,6 @@ VARIANTS = {
     "twin4_big": {"specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(float("inf")), "MMA_ONLY": True, "TWO_TILES": 1,
                   "MIN_BLOCKS": 4},
     # the twin4 tiling's grids (3.3-4 pairs per SM) on the bulk form instead
-    # the first wave's blocks (or half of it; 4 blocks per SM on 132 SMs) ask L2 for their state rows before
-    # the wait on every grid: those the previous call's last wave leaves room for fetch during its tail (NOTES v56)
-    "early_fetch_wave": {"EARLY_FETCH_BLOCKS": 528},
-    "early_fetch_half": {"EARLY_FETCH_BLOCKS": 264},
     "twin4_as_bulk": {"specs.TWIN4_PAIRS_PER_SM": (0, 0), "specs.TWIN4_LONG_PAIRS_PER_SM": (0, 0),
                       "specs.BULK_MIN_PAIRS_PER_SM": _bulk_min(3.3)},
     # per-token states at T = 3-4 never on the narrow tiling (the store one), or on it up to 16 pairs per SM

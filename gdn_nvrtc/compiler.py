@@ -63,7 +63,6 @@ def render(spec: KernelSpec) -> str:
         bulk_final=spec.bulk_final,
         states_bulk=spec.states_bulk,
         two_tiles=spec.two_tiles,
-        early_fetch_blocks=spec.early_fetch_blocks,
         param_fields=PARAM_FIELDS,
         flags=FLAGS,
         scalar_codes=SCALAR_DTYPE_CODES,

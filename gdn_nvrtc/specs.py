@@ -336,13 +336,6 @@ class KernelSpec:
         return bool(self.tiling.get("BULK_FINAL"))
 
     @property
-    def early_fetch_blocks(self) -> int:
-        """Blocks below this index ask L2 for their state rows before the wait on every grid, as grids under
-        PREFETCH_STATE_MAX_WAVES do in every block (tiling key EARLY_FETCH_BLOCKS: benchmarks/tune.py's
-        early_fetch variants only; 0, off, in every shipped tiling)."""
-        return int(self.tiling.get("EARLY_FETCH_BLOCKS", 0))
-
-    @property
     def two_tiles(self) -> bool:
         """Each block takes two tiles of its (b, hv) pair, one after the other, the second tile's state
         copies in flight while the first computes (the twin tilings: the mma kernel only)."""
