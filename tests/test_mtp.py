@@ -542,6 +542,11 @@ def test_out_of_range_slots_are_padding():
     inputs = make_inputs(3, 3, 4, 8, pool_size=6)
     inputs["initial_state_indices"] = torch.tensor([0, 7, 2], dtype=torch.int32, device="cuda")
     check_call(inputs, disable_state_update=False, ssm_state_indices=scatter)
+    # int64 scatter slots whose low word alone is a valid slot (1, 4, 1): out of range, never written
+    scatter = torch.tensor(
+        [[3, (1 << 32) + 1, -1], [4, 4, 4], [5, -(1 << 32) + 4, (1 << 40) + 1]], dtype=torch.int64, device="cuda"
+    )
+    check_call(inputs, disable_state_update=False, ssm_state_indices=scatter)
 
 
 def test_strided_pool_slice_of_larger_cache():
