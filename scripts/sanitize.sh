@@ -21,6 +21,10 @@ done
 if [ ${#tilings[@]} = 0 ]; then
   read -r -a tilings <<<"$(python3 -c 'from gdn_nvrtc.specs import TILING_NAMES; print(*TILING_NAMES)')"
 fi
+if [ ${#tilings[@]} = 0 ]; then  # nothing would run, and nothing run would read as clean
+  echo "sanitize.sh: no tilings to run (the tiling names come from gdn_nvrtc.specs, which did not import)" >&2
+  exit 2
+fi
 # The GPUs to spread over: CUDA_VISIBLE_DEVICES as given, else every GPU nvidia-smi lists.
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
   IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"

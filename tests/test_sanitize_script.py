@@ -38,13 +38,18 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def run_script(tmp_path: Path, *args: str, **env_extra: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def run_script(
+    tmp_path: Path, *args: str, python_works: bool = True, **env_extra: str,
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     _executable(bin_dir / "compute-sanitizer", FAKE_SANITIZER)
     _executable(bin_dir / "nvidia-smi", FAKE_SMI)
     (bin_dir / "python3").unlink(missing_ok=True)
-    (bin_dir / "python3").symlink_to(sys.executable)  # the script asks python3 for the tiling names
+    if python_works:
+        (bin_dir / "python3").symlink_to(sys.executable)  # the script asks python3 for the tiling names
+    else:
+        _executable(bin_dir / "python3", "#!/usr/bin/env bash\nexit 1\n")
     calls = tmp_path / "calls.txt"
     calls.unlink(missing_ok=True)
     logs = tmp_path / "logs"
@@ -103,3 +108,9 @@ def test_keeps_to_the_visible_gpus(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     by_tiling = {call[call.index("--tilings") + 1]: call[0] for call in calls}
     assert by_tiling == {"narrow": "4", "store": "6", "mma": "4"}
+
+
+def test_no_tilings_is_an_error_not_a_clean_run(tmp_path):
+    result, calls = run_script(tmp_path, "--tokens", "2", python_works=False, SANITIZE_TOOLS="memcheck")
+    assert result.returncode == 2 and calls == []
+    assert "no tilings to run" in result.stderr
