@@ -16,6 +16,7 @@ from gdn_nvrtc.specs import (
     FLAGS,
     MMA_MAX_HEAD_DIM_K,
     PREBUILT_HEAD_DIM,
+    PREBUILT_SPECS,
     PREBUILT_TOKENS,
     STAGED_MIN_PAIRS_PER_SM,
     STORE_CAP_FROM_TOKENS,
@@ -58,6 +59,22 @@ def mode_kwargs(mode: str, inputs: dict, generator: torch.Generator) -> dict:
         scatter = torch.tensor(free + [-1] * (B * T - len(free)), dtype=torch.int32).view(B, T)
         if B * T > 1:
             scatter[0, -1] = -1
+        return {"disable_state_update": False, "ssm_state_indices": scatter.cuda()}
+    if mode == "scatter_repeated":
+        # Slots repeated within a row, where the later token's state must win: row 0 sends every token to
+        # one slot, row 1 alternates two, row 2 writes into its own read slot (read before written), row 3
+        # repeats one slot around skipped tokens, row 4 is padding whose slots stay untouched.
+        assert B >= 5 and pool_size >= 2 * B + 8, "mode scatter_repeated needs B >= 5 and room for its slots"
+        inputs["initial_state_indices"][4] = -1
+        read = inputs["initial_state_indices"].tolist()
+        free = [s for s in torch.randperm(pool_size, generator=generator).tolist() if s not in read]
+        scatter = torch.full((B, T), -1, dtype=torch.int32)
+        for t in range(T):
+            scatter[0, t] = free[0]
+            scatter[1, t] = free[1 + t % 2]
+            scatter[2, t] = read[2]
+            scatter[3, t] = free[3] if t % 3 != 1 else -1
+            scatter[4, t] = free[4 + t % 2]
         return {"disable_state_update": False, "ssm_state_indices": scatter.cuda()}
     raise AssertionError(mode)
 
@@ -129,8 +146,22 @@ def test_every_tiling_in_every_mode(monkeypatch, tiling, T, mode):
     check_call(inputs, **mode_kwargs(mode, inputs, generator))
 
 
+@pytest.mark.parametrize(
+    ("tiling", "T"),
+    [(tiling, T) for tiling in TILING_NAMES for T in (3, 8)]
+    + [(tiling, 2) for tiling in TILING_NAMES if KernelSpec(128, 128, 2, "bf16", "fp32", tiling) in PREBUILT_SPECS],
+)
+def test_scatter_slots_repeated_within_a_row(monkeypatch, tiling, T):
+    """Per-token scatter slots repeated within a row (the state after the later token must be what the
+    slot holds, as token by token) and a row scattering into its own read slot, on every tiling."""
+    force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, T, "repeated slots")) % 2**31)
+    inputs = make_inputs(6, T, 4, 8, pool_size=24, generator=generator)
+    check_call(inputs, **mode_kwargs("scatter_repeated", inputs, generator))
+
+
 @pytest.mark.parametrize(("tiling", "T"), [("store", 3), ("store", 8), ("narrow", 2), ("narrow", 4), ("wide", 1)])
-@pytest.mark.parametrize("mode", ["buffer", "scatter"])
+@pytest.mark.parametrize("mode", ["buffer", "scatter", "scatter_repeated"])
 def test_states_through_bulk_copies(monkeypatch, tmp_path, tiling, T, mode):
     """The tiling key STATES_BULK (the staged tiling's; benchmarks/tune.py's variant states_bulk sets it on
     any scalar tiling): the kernel's per-token states through shared memory and bulk copies, with a padding
