@@ -20,7 +20,7 @@ from gdn_nvrtc.reference import make_inputs  # noqa: E402
 from gdn_nvrtc.specs import PREBUILT_SPECS, TILING_NAMES, KernelSpec, start_delay_applies  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("update", "no_update", "buffer", "scatter", "write_slots", "delayed")
+MODES = ("update", "no_update", "buffer", "scatter", "scatter_repeated", "write_slots", "delayed")
 
 
 def run_case(spec: KernelSpec, mode: str) -> bool:
@@ -36,13 +36,19 @@ def run_case(spec: KernelSpec, mode: str) -> bool:
     pool_size = B * (T + 2) + 2
     inputs = make_inputs(B, T, H, HV, dtype=dtype, pool_size=pool_size)
     inputs["initial_state_indices"][1] = -1  # a padded row in every case
-    kwargs: dict = {"disable_state_update": mode not in ("update", "scatter", "write_slots", "delayed")}
+    writes_pool = ("update", "scatter", "scatter_repeated", "write_slots", "delayed")
+    kwargs: dict = {"disable_state_update": mode not in writes_pool}
     used = set(inputs["initial_state_indices"].tolist())
     free = [s for s in range(pool_size) if s not in used]  # slots no row reads
     if mode == "buffer":
         kwargs["intermediate_states_buffer"] = torch.full((B, T + 1, HV, 128, 128), float("nan"), device="cuda")
     elif mode == "scatter":
         kwargs["ssm_state_indices"] = torch.tensor(free[: B * T], dtype=torch.int32, device="cuda").view(B, T)
+    elif mode == "scatter_repeated":  # every token of row 0 to one slot, row 2 into its own read slot
+        if T == 1:
+            return False
+        slots = [[free[0]] * T, [free[1]] * T, [int(inputs["initial_state_indices"][2])] * T]
+        kwargs["ssm_state_indices"] = torch.tensor(slots, dtype=torch.int32, device="cuda")
     elif mode == "write_slots":
         kwargs["output_state_indices"] = torch.tensor([free[0], free[1], pool_size + 5], device="cuda")
     check_call(inputs, **kwargs)
