@@ -102,6 +102,19 @@ def _need_unit_last_stride(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must have stride 1 along its last axis, got strides {_dims(x.stride())}")
 
 
+def _need_no_self_overlap(name: str, x: torch.Tensor, why: str) -> None:
+    """Refuse a tensor the kernel writes whose elements can share memory (e.g. a stride-0 broadcast): taken
+    from the smallest stride up, each axis must step past everything the smaller ones span."""
+    span = 0  # how far past its first element the axes taken so far reach
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride(), strict=True) if sz > 1):
+        if stride <= span:
+            raise ValueError(
+                f"{name} {why}: no two of its elements may share memory (each axis, from the smallest stride "
+                f"up, must step past the ones before it), got shape {_dims(x.shape)} and strides {_dims(x.stride())}"
+            )
+        span += (size - 1) * stride
+
+
 def _need_indices(name: str, x, shape: tuple, meaning: str) -> torch.Tensor:
     _need_tensor(name, x, len(shape))
     _need_dtype(name, x, INDEX_DTYPES)
@@ -272,6 +285,8 @@ def _make_plan(
     _need_shape("initial_state", pool, (pool_size, HV, V, K), "[pool_size, HV, V, K]")
     if pool.stride(3) != 1:
         raise ValueError(f"initial_state must have stride 1 along K, got strides {_dims(pool.stride())}")
+    if disable_state_update is False:
+        _need_no_self_overlap("initial_state", pool, "is written (disable_state_update=False)")
     _check_alignment(pool, None)
     read_slots = _need_indices("initial_state_indices", initial_state_indices, (B,), "[B]")
     write_slots = output_state_indices
@@ -298,6 +313,7 @@ def _make_plan(
         _need_tensor("output", output, 4)
         _need_dtype("output", output, (q.dtype,))
         _need_shape("output", output, (B, T, HV, V), "[B, T, HV, V]")
+        _need_no_self_overlap("output", output, "is written")
 
     for name, x in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("output", output)):
         if x is not None:

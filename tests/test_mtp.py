@@ -826,6 +826,41 @@ def test_strided_gate_parameters():
     check_call(inputs, disable_state_update=False)
 
 
+@pytest.mark.parametrize("tiling", TILING_NAMES)
+@pytest.mark.parametrize("mode", ["update", "scatter"])
+def test_broadcast_inputs(monkeypatch, tiling, mode):
+    """Inputs with stride 0 on axes before the last (broadcast views a caller can pass without a copy):
+    q and k shared by every row, v by every token, a and b by every token, A_log and dt_bias by every
+    head; with three value heads per q/k head (H=2, HV=6)."""
+    force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, mode, "broadcast")) % 2**31)
+    B, T, H, HV = 5, 3, 2, 6
+    inputs = make_inputs(B, T, H, HV, pool_size=B * (T + 2) + 2, generator=generator)
+    inputs["q"] = inputs["q"][:1].expand(B, -1, -1, -1)
+    inputs["k"] = inputs["k"][:1].expand(B, -1, -1, -1)
+    inputs["v"] = inputs["v"][:, :1].expand(-1, T, -1, -1)
+    inputs["a"] = inputs["a"][:, :1].expand(-1, T, -1)
+    inputs["b"] = inputs["b"][:, :1].expand(-1, T, -1)
+    inputs["A_log"] = inputs["A_log"][:1].expand(HV)
+    inputs["dt_bias"] = inputs["dt_bias"][:1].expand(HV)
+    assert inputs["q"].stride(0) == 0 and inputs["v"].stride(1) == 0 and inputs["A_log"].stride(0) == 0
+    inputs["initial_state_indices"][3] = -1
+    check_call(inputs, **mode_kwargs(mode, inputs, generator))
+
+
+@pytest.mark.parametrize("tiling", ["chosen", "narrow", "staged", "mma"])
+def test_broadcast_pool_read_only(monkeypatch, tiling):
+    """A pool whose slots are one state broadcast (stride 0 over the pool) is only read when
+    disable_state_update=True: accepted, every row starts from that state, and the buffer gets the states."""
+    if tiling != "chosen":
+        force_tiling(monkeypatch, tiling)
+    generator = torch.Generator().manual_seed(hash((tiling, "broadcast pool")) % 2**31)
+    B, T, H, HV = 4, 3, 2, 4
+    inputs = make_inputs(B, T, H, HV, pool_size=6, generator=generator)
+    inputs["initial_state"] = inputs["initial_state"][2:3].expand(6, -1, -1, -1)
+    check_call(inputs, **mode_kwargs("buffer", inputs, generator))
+
+
 @pytest.mark.parametrize(
     "argument,accepted,refused",
     [("scale", 1.0, True), ("use_qk_l2norm", True, 1), ("disable_state_update", True, 1)],
