@@ -55,7 +55,7 @@ CASES = [
     ("output", lambda c: torch.zeros(B, T, HV, V, dtype=torch.float16), TypeError, "output must have dtype bfloat16, got float16"),
     ("output", lambda c: torch.zeros(B, T, HV, V + 1, dtype=torch.bfloat16), ValueError, "output must have shape [B, T, HV, V] = [3, 4, 4, 128], got [3, 4, 4, 129]"),
     ("initial_state", lambda c: c["initial_state"][:1].expand(8, -1, -1, -1), ValueError, "initial_state is written (disable_state_update=False): no two of its elements may share memory"),
-    ("initial_state", lambda c: torch.randn(8, V, HV, K).transpose(1, 2).as_strided((8, HV, V, K), (HV * V * K, K, K, 1)), ValueError, "got shape [8, 4, 128, 128] and strides [65536, 128, 128, 1]"),
+    ("initial_state", lambda c: torch.randn(8, HV, V, K).as_strided((8, HV, V, K), (HV * V * K, K, K, 1)), ValueError, "got shape [8, 4, 128, 128] and strides [65536, 128, 128, 1]"),
     ("output", lambda c: torch.zeros(1, T, HV, V, dtype=torch.bfloat16).expand(B, -1, -1, -1), ValueError, "output is written: no two of its elements may share memory"),
     ("output", lambda c: torch.zeros(B, T, V, dtype=torch.bfloat16)[:, :, None].expand(-1, -1, HV, -1), ValueError, "got shape [3, 4, 4, 128] and strides [512, 128, 0, 1]"),
     ("q", lambda c: torch.randn(B, T, H, 2 * K).bfloat16()[..., ::2], ValueError, "q must have stride 1 along its last axis"),
